@@ -1,0 +1,37 @@
+# One venv per checkout; every target installs what it needs first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: the CPU wheel of that release lies on the build machines' disk, and
+# installing it before the project keeps pip from pulling a multi-GB CUDA build for `torch>=2.1`.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(VENV)/bin/rafdata synth $(DEMO)/nersemble
+	$(VENV)/bin/rafdata ingest $(DEMO)/nersemble -o $(DEMO)/store.h5
+	$(VENV)/bin/rafdata inspect $(DEMO)/store.h5 --verify
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rafdata rafmodel cli tests bench
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

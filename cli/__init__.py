@@ -1,0 +1,1 @@
+"""Thin click front ends: argument parsing, calling the library, printing."""

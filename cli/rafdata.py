@@ -1,0 +1,233 @@
+"""`rafdata`: synthetic data, ingest, inspection."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cli.common import FriendlyGroup, split_list
+from rafdata.progress import RichProgress
+
+console = Console()
+
+
+@click.group(cls=FriendlyGroup)
+@click.version_option(package_name="raf-toolkit")
+def main() -> None:
+    """RAF data toolkit: NeRSemble -> HDF5 store -> expression banks."""
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--participants", default=None, help="Participant ids, e.g. '388,422,443,445'.")
+@click.option("--sequences", default=None, help="Sequence names (FREE is the held-out one).")
+@click.option("--cameras", default=None, help="Camera serials.")
+@click.option("--frames", type=int, default=None, help="Tracked frames per sequence.")
+@click.option("--frame-step", type=int, default=None,
+              help="Tracking covers every n-th video frame.")
+@click.option("--width", type=int, default=None)
+@click.option("--height", type=int, default=None)
+@click.option("--tracking", type=click.Choice(["bfm", "flame", "both"]), default=None,
+              help="Tracker format(s) to write.")
+@click.option("--layout", type=click.Choice(["nersemble", "gha"]), default="nersemble",
+              show_default=True, help="NeRSemble v2 raw layout or GHA preprocessed layout.")
+@click.option("--no-alpha", is_flag=True, help="Do not write alpha_maps videos.")
+@click.option("--seed", type=int, default=None)
+@click.option("--quiet", is_flag=True)
+def synth(out: Path, participants, sequences, cameras, frames, frame_step, width, height,
+          tracking, layout, no_alpha, seed, quiet) -> None:
+    """Write a small synthetic dataset with known coefficients to OUT."""
+    from dataclasses import replace
+
+    from rafdata.synth import SynthConfig, write_dataset, write_gha_dataset
+
+    cfg = SynthConfig()
+    given = {
+        "participants": split_list(participants), "sequences": split_list(sequences),
+        "cameras": split_list(cameras), "frames": frames, "frame_step": frame_step,
+        "width": width, "height": height, "tracking": tracking, "seed": seed,
+    }
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    if no_alpha:
+        cfg = replace(cfg, alpha_maps=False)
+    writer = write_gha_dataset if layout == "gha" else write_dataset
+    with RichProgress(quiet) as progress:
+        progress.start("rendering", None)
+        last = [0]
+
+        def report(done: int, total: int) -> None:
+            if progress._bar is not None and progress._task is not None:
+                progress._bar.update(progress._task, total=total)
+            progress.advance(done - last[0])
+            last[0] = done
+
+        writer(out, cfg, progress=report)
+    if not quiet:
+        console.print(f"wrote {layout} dataset to [bold]{out}[/]: {len(cfg.participants)} "
+                      f"participants x {len(cfg.sequences)} sequences x {len(cfg.cameras)} "
+                      f"cameras x {cfg.frames} frames ({cfg.width}x{cfg.height})")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Store file to create or append to.")
+@click.option("--layout", type=click.Choice(["auto", "nersemble", "gha"]), default="auto",
+              show_default=True)
+@click.option("--tracking", "tracking_root", type=click.Path(path_type=Path), default=None,
+              help="Root of the tracking tree (default: SRC).")
+@click.option("--tracking-format", type=click.Choice(["auto", "bfm", "flame"]), default="auto",
+              show_default=True)
+@click.option("--flame-exp", default="expression+jaw", show_default=True,
+              help="FLAME parts forming the expression vector (expression, jaw, neck, eyes).")
+@click.option("--participants", default=None, help="Only these participant ids.")
+@click.option("--sequences", default=None, help="Only these sequences.")
+@click.option("--cameras", default=None, help="Only these camera serials.")
+@click.option("--held-out", default="FREE", show_default=True,
+              help="Sequences kept out of banks and training (test drivers).")
+@click.option("--images-for", default=None,
+              help="Store images only for these participants (others: coefficients only).")
+@click.option("--no-images", is_flag=True, help="Coefficients only; no video is opened.")
+@click.option("--every", type=int, default=1, show_default=True,
+              help="Keep every n-th tracked frame.")
+@click.option("--crop", type=int, nargs=4, default=None, metavar="X Y W H",
+              help="Crop box in source pixels (padded where it leaves the frame).")
+@click.option("--size", type=int, nargs=2, default=None, metavar="W H", help="Output size.")
+@click.option("--color-correct", is_flag=True, help="Apply color_calibration.json.")
+@click.option("--workers", type=int, default=None, help="Decoding threads (default: cores).")
+@click.option("--compression", type=click.Choice(["blosc-lz4", "blosc-zstd", "gzip", "lzf",
+                                                  "none"]), default="blosc-lz4",
+              show_default=True)
+@click.option("--strict", is_flag=True, help="Stop on a bad camera instead of skipping it.")
+@click.option("--quiet", is_flag=True)
+def ingest(src: Path, out: Path, layout, tracking_root, tracking_format, flame_exp, participants,
+           sequences, cameras, held_out, images_for, no_images, every, crop, size,
+           color_correct, workers, compression, strict, quiet) -> None:
+    """Ingest videos, calibration and tracking under SRC into the store OUT (resumable)."""
+    from rafdata.ingest import IngestConfig, default_workers
+    from rafdata.ingest import ingest as run_ingest
+
+    if every < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--every")
+    cfg = IngestConfig(
+        layout=layout, tracking_root=tracking_root, tracking_format=tracking_format,
+        flame_exp=flame_exp, participants=split_list(participants),
+        sequences=split_list(sequences), cameras=split_list(cameras),
+        held_out=split_list(held_out) or (), images_for=split_list(images_for),
+        no_images=no_images, every=every, crop=tuple(crop) if crop else None,
+        size=tuple(size) if size else None, color_correct=color_correct,
+        workers=workers or default_workers(), compression=compression, strict=strict,
+    )
+    with RichProgress(quiet) as progress:
+        report = run_ingest(src, out, cfg, progress)
+    if not quiet:
+        console.print(
+            f"{out}: wrote {len(report.written)} sequences ({report.timesteps} timesteps, "
+            f"{report.images} images) in {report.seconds:.1f} s; {len(report.skipped)} already "
+            f"complete; {len(report.warnings)} warnings"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@click.option("--verify", is_flag=True,
+              help="Read every chunk (checksums) and check every invariant; exit 1 on failure.")
+@click.option("--quiet", is_flag=True)
+def inspect(store: Path, as_json: bool, verify: bool, quiet: bool) -> None:
+    """Show what the store holds; --verify checks it thoroughly."""
+    from rafdata.inspect import open_checked, summarize
+    from rafdata.inspect import verify as run_verify
+
+    with open_checked(store) as s:
+        info = summarize(s)
+        result = None
+        if verify:
+            with RichProgress(quiet or as_json) as progress:
+                result = run_verify(s, progress)
+            info["verify"] = {"ok": result.ok, "chunks_read": result.chunks_read,
+                              "problems": result.problems}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        _print_summary(info)
+    if result is not None and not result.ok:
+        sys.exit(1)
+
+
+def _print_summary(info: dict) -> None:
+    h, w = info["resolution"]["height"], info["resolution"]["width"]
+    head = Table(title=f"{info['path']}", show_header=False, title_justify="left")
+    head.add_column(style="bold")
+    head.add_column()
+    ratio = info["image_compression_ratio"]
+    for k, v in (
+        ("format version", info["format_version"]),
+        ("expression space", f"{info['exp_space'] or '-'} ({info['exp_dim']} dims)"),
+        ("identities", len(info["identities"])),
+        ("sequences", len(info["sequences"])),
+        ("cameras", info["cameras"]),
+        ("timesteps", info["timesteps"]),
+        ("images", f"{info['images']} ({info['images_with_mask']} with mask)"),
+        ("resolution", f"{w} x {h}" if w else "-"),
+        ("compression", f"{info['compression'] or '-'}"
+                        + (f", images {ratio:.2f}x" if ratio else "")),
+        ("file size", _human(info["file_bytes"])),
+        ("synthetic", "yes" if info["synthetic"] else "no"),
+    ):
+        head.add_row(k, str(v))
+    console.print(head)
+
+    ids = Table(title="identities", title_justify="left")
+    for col in ("name", "sequences", "timesteps", "images", "cameras"):
+        ids.add_column(col, justify="right" if col != "name" else "left")
+    for row in info["identities"]:
+        ids.add_row(*(str(row[c]) for c in ("name", "sequences", "timesteps", "images",
+                                             "cameras")))
+    console.print(ids)
+
+    seqs = Table(title="sequences", title_justify="left")
+    for col in ("identity", "sequence", "held out", "timesteps", "images"):
+        seqs.add_column(col)
+    for row in info["sequences"]:
+        seqs.add_row(row["identity"], row["name"], "[yellow]held out[/]" if row["held_out"]
+                     else "", str(row["timesteps"]), str(row["images"]))
+    console.print(seqs)
+
+    if info["banks"]:
+        banks = Table(title="banks", title_justify="left")
+        keys = sorted({k for b in info["banks"] for k in b} - {"name"})
+        banks.add_column("name")
+        for k in keys:
+            banks.add_column(k)
+        for b in info["banks"]:
+            banks.add_row(b["name"], *(str(b.get(k, "")) for k in keys))
+        console.print(banks)
+
+    if "verify" in info:
+        v = info["verify"]
+        if v["ok"]:
+            console.print(f"[green]verified[/]: {v['chunks_read']} chunks read, all invariants hold")
+        else:
+            for p in v["problems"]:
+                console.print(f"[red]violation:[/] {p}", highlight=False)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+if __name__ == "__main__":
+    main()

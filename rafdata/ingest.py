@@ -1,0 +1,320 @@
+"""Ingest: source layouts (videos, calibration, tracking) -> the HDF5 store.
+
+A sequence is the unit of work. Tracking of every pending sequence is read and validated
+first (cheap), so a NaN in the last participant stops the run before hours of decoding; then
+each sequence is decoded and committed in turn. Rerunning skips committed sequences, and a
+crash mid-sequence leaves rows the store's counters never expose.
+
+Policy for bad input (see docs/ingest.md):
+- stop: unreadable or inconsistent tracking (NaN/inf, wrong dimension, a second expression
+  space), missing calibration, a video shorter than its tracking (frame-count mismatch), a
+  store of a newer format, images of another size than the store's;
+- skip with a warning (``--strict`` stops instead): one camera's video missing, unreadable or
+  corrupt in one sequence; the rest of the sequence is ingested without that camera.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rafdata.errors import FrameCountError, SourceError
+from rafdata.geometry import ImageTransform, color_correct
+from rafdata.progress import NullProgress, Progress
+from rafdata.sources import open_source
+from rafdata.sources.base import CameraCalib, SequenceSource, SourceOptions, Tracking
+from rafdata.store import DEFAULT_COMPRESSION, StoreWriter, identity_matches
+
+IMAGE_BATCH = 4  # images handed to the writer at once: bounds memory at full resolution
+QUEUE_DEPTH = 8  # decoded frames buffered per camera ahead of the writer
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1)))
+
+
+@dataclass
+class IngestConfig:
+    """What to ingest and how; mirrors ``rafdata ingest`` options."""
+
+    layout: str = "auto"  # auto | nersemble | gha
+    tracking_root: Path | None = None  # default: the source root itself
+    tracking_format: str = "auto"  # auto | bfm | flame
+    flame_exp: str = "expression+jaw"  # FLAME parts forming the expression vector
+    participants: tuple[str, ...] | None = None
+    sequences: tuple[str, ...] | None = None
+    cameras: tuple[str, ...] | None = None
+    held_out: tuple[str, ...] = ("FREE",)  # sequences kept out of banks and training
+    images_for: tuple[str, ...] | None = None  # participants whose images are stored (None: all)
+    no_images: bool = False  # coefficients only, no video is opened
+    every: int = 1  # keep every n-th tracked frame
+    crop: tuple[int, int, int, int] | None = None  # x y w h in source pixels
+    size: tuple[int, int] | None = None  # output w h
+    color_correct: bool = False
+    workers: int = field(default_factory=default_workers)
+    compression: str = DEFAULT_COMPRESSION
+    strict: bool = False  # stop on a bad camera instead of skipping it
+
+    def source_options(self) -> SourceOptions:
+        return SourceOptions(
+            tracking_root=self.tracking_root,
+            tracking_format=self.tracking_format,
+            flame_exp=self.flame_exp,
+            participants=self.participants,
+            sequences=self.sequences,
+            cameras=self.cameras,
+        )
+
+    def wants_images(self, participant: str) -> bool:
+        if self.no_images:
+            return False
+        if self.images_for is None:
+            return True
+        return any(identity_matches(participant, p) for p in self.images_for)
+
+
+@dataclass
+class IngestReport:
+    """What a run did; ``skipped`` are sequences an earlier run had already committed."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    timesteps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Pending:
+    seq: SequenceSource
+    tracking: Tracking
+    frames_mask: np.ndarray  # which tracked rows are kept (temporal subsampling)
+    cameras: list[CameraCalib]
+
+    @property
+    def label(self) -> str:
+        return f"{self.seq.participant}/{self.seq.name}"
+
+
+class _CameraFailed(Exception):
+    """A camera's video broke while decoding; the sequence is retried without it."""
+
+    def __init__(self, serial: str, error: SourceError):
+        super().__init__(str(error))
+        self.serial = serial
+        self.error = error
+
+
+def ingest(
+    src: str | Path,
+    out: str | Path,
+    cfg: IngestConfig | None = None,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Ingest the source at ``src`` into the store ``out`` (created or appended to)."""
+    cfg = cfg or IngestConfig()
+    progress = progress or NullProgress()
+    if cfg.every < 1:
+        raise ValueError("every must be >= 1")
+    t0 = time.perf_counter()
+    report = IngestReport()
+    src = Path(src)
+    source = open_source(src, cfg.layout, cfg.source_options())
+    sequences = [s for pid in source.participants() for s in source.sequences(pid)]
+    if not sequences:
+        raise SourceError(src, "no sequence with tracking found (check --tracking/--participants)")
+
+    with StoreWriter(out, compression=cfg.compression) as writer:
+        todo = []
+        for s in sequences:
+            if writer.has_sequence(s.participant, s.name):
+                report.skipped.append(f"{s.participant}/{s.name}")
+            else:
+                todo.append(s)
+        pending = _read_tracking(todo, writer, cfg, progress)
+        _record_provenance(writer, src, cfg)
+        n_images = sum(int(p.frames_mask.sum()) * len(p.cameras) for p in pending)
+        if n_images:
+            progress.start("images", n_images)
+        for p in pending:
+            t, n = _write_sequence(writer, p, cfg, progress)
+            report.written.append(p.label)
+            report.timesteps += t
+            report.images += n
+    report.warnings = list(getattr(progress, "warnings", []))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _read_tracking(
+    todo: Sequence[SequenceSource], writer: StoreWriter, cfg: IngestConfig, progress: Progress
+) -> list[_Pending]:
+    """Read and validate the tracking of every pending sequence before writing anything."""
+    progress.start("tracking", len(todo))
+    pending = []
+    space: tuple[str, int, Path] | None = None
+    for s in todo:
+        tr = s.tracking()
+        dim = int(tr.exp.shape[1])
+        writer.check_exp_space(tr.exp_space, dim, tr.path)
+        if space is not None and (tr.exp_space, dim) != space[:2]:
+            raise SourceError(
+                tr.path,
+                f"expression space {tr.exp_space} ({dim} dims) differs from {space[0]} "
+                f"({space[1]} dims) of {space[2]}; one store holds one space",
+            )
+        space = (tr.exp_space, dim, tr.path)
+        keep = np.zeros(len(tr.frames), bool)
+        keep[:: cfg.every] = True
+        cams = s.cameras() if cfg.wants_images(s.participant) else []
+        pending.append(_Pending(s, tr, keep, cams))
+        progress.advance()
+    return pending
+
+
+def _record_provenance(writer: StoreWriter, src: Path, cfg: IngestConfig) -> None:
+    """Keep the generator manifest of synthetic data and a history of ingest runs."""
+    manifest = src / "synth.json"
+    if manifest.is_file() and "synthetic" not in writer.f.attrs:
+        writer.set_attr("synthetic", manifest.read_text())
+    history = json.loads(writer.f.attrs.get("ingest_history", "[]"))
+    entry = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    history.append({"source": str(src.resolve()), "time": time.time(), "config": entry})
+    writer.set_attr("ingest_history", json.dumps(history))
+
+
+def _write_sequence(
+    writer: StoreWriter, p: _Pending, cfg: IngestConfig, progress: Progress
+) -> tuple[int, int]:
+    """Write one sequence; cameras that fail are dropped (or stop the run with --strict)."""
+    tr = p.tracking
+    frames = tr.frames[p.frames_mask]
+    cams: list[CameraCalib] = []
+    for cam in p.cameras:
+        try:
+            p.seq.check_camera(cam.serial, frames)
+        except FrameCountError:
+            raise
+        except SourceError as err:
+            if cfg.strict:
+                raise
+            progress.warn(f"{err}; camera {cam.serial} skipped for {p.label}")
+            progress.advance(len(frames))
+            continue
+        cams.append(cam)
+    if p.cameras and not cams:
+        raise SourceError(p.seq.path, "no camera of this sequence could be read")
+
+    while True:
+        try:
+            with writer.sequence(
+                p.seq.participant, p.seq.name, p.seq.name in cfg.held_out, p.seq.path
+            ) as sw:
+                rows = sw.add_timesteps(
+                    frames, tr.exp[p.frames_mask], tr.pose[p.frames_mask],
+                    tr.scale[p.frames_mask], tr.exp_space,
+                )
+                n_images = _write_images(sw, p.seq, cams, frames, rows, cfg, progress)
+            return len(rows), n_images
+        except _CameraFailed as failed:
+            if cfg.strict:
+                raise failed.error from None
+            progress.warn(f"{failed.error}; camera {failed.serial} skipped for {p.label}")
+            cams = [c for c in cams if c.serial != failed.serial]
+            if not cams:
+                raise SourceError(p.seq.path, "no camera of this sequence could be read") from None
+
+
+def _write_images(sw, seq, cams, frames, rows, cfg, progress) -> int:
+    """Decode cameras in parallel threads, write them in camera order from this thread."""
+    transform = ImageTransform(cfg.crop, cfg.size)
+    stop = threading.Event()
+    queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in cams]
+    written = 0
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        for cam, q in zip(cams, queues, strict=True):
+            pool.submit(_produce, seq, cam, frames, transform, cfg.color_correct, q, stop)
+        try:
+            for cam, q in zip(cams, queues, strict=True):
+                cam_row = None
+                i = -1
+                batch: list = []
+                for i, (rgb, mask, src_size) in enumerate(_consume(q, cam)):
+                    if cam_row is None:
+                        K = transform.apply_K(cam.K, *src_size)
+                        cam_row = sw.camera(cam.serial, K, cam.world_to_cam)
+                    batch.append((rows[i], rgb, mask))
+                    if len(batch) == IMAGE_BATCH:
+                        written += _flush(sw, batch, cam_row)
+                        progress.advance(len(batch))
+                        batch = []
+                if batch:
+                    written += _flush(sw, batch, cam_row)
+                    progress.advance(len(batch))
+                if cam_row is None or i + 1 != len(frames):
+                    raise _CameraFailed(cam.serial, SourceError(
+                        seq.path, f"camera {cam.serial} gave fewer frames than its tracking"))
+        finally:
+            stop.set()
+    return written
+
+
+def _flush(sw, batch, cam_row) -> int:
+    rgb = np.stack([b[1] for b in batch])
+    masks = [b[2] for b in batch]
+    mask = None if any(m is None for m in masks) else np.stack(masks)
+    sw.add_images(rgb, mask, [b[0] for b in batch], cam_row)
+    return len(batch)
+
+
+_DONE = object()
+
+
+def _produce(seq, cam, frames, transform, correct, q, stop) -> None:
+    """Decode one camera into its queue: (rgb, mask, (src_w, src_h)) items, then _DONE."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for frame in seq.read_frames(cam.serial, frames):
+            h, w = frame.rgb.shape[:2]
+            rgb = frame.rgb
+            if correct and cam.color is not None:
+                rgb = color_correct(rgb, cam.color)
+            rgb = transform.apply(rgb)
+            mask = None if frame.mask is None else transform.apply(frame.mask)
+            if not put((rgb, mask, (w, h))):
+                return
+        put(_DONE)
+    except BaseException as err:  # handed to the writer thread, which decides
+        put(err)
+
+
+def _consume(q: queue.Queue, cam: CameraCalib) -> Iterator[tuple]:
+    while True:
+        item = q.get()
+        if item is _DONE:
+            return
+        if isinstance(item, SourceError):
+            raise _CameraFailed(cam.serial, item)
+        if isinstance(item, BaseException):
+            raise item
+        yield item

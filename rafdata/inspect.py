@@ -1,0 +1,287 @@
+"""What a store holds (summary) and whether it keeps the contract (verify).
+
+``summarize`` reads only the small tables and dataset metadata. ``verify`` reads every chunk
+of every dataset, so HDF5's Fletcher32 checksums catch damaged bytes, and checks every
+invariant of the store contract (docs/store.md); it returns the violations found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from rafdata.errors import StoreError
+from rafdata.progress import NullProgress, Progress
+from rafdata.store import TABLES, Store
+
+
+def _storage(ds: h5py.Dataset) -> tuple[int, int]:
+    """(bytes on disk, bytes uncompressed) of a dataset."""
+    return ds.id.get_storage_size(), ds.size * ds.dtype.itemsize if ds.dtype.kind != "O" else 0
+
+
+def _datasets(group: h5py.Group) -> Iterator[tuple[str, h5py.Dataset]]:
+    found: list[tuple[str, h5py.Dataset]] = []
+    group.visititems(lambda n, o: found.append((n, o)) if isinstance(o, h5py.Dataset) else None)
+    yield from found
+
+
+def summarize(store: Store) -> dict[str, Any]:
+    """A JSON-ready description of the store: tables, counts, sizes, banks."""
+    f = store.h5()
+    ts = store.timesteps
+    seqs = store.sequences
+    identities = []
+    for i, name in enumerate(store.identities):
+        identities.append({
+            "name": name,
+            "sequences": int((seqs.identity == i).sum()),
+            "timesteps": int((ts.identity == i).sum()),
+            "images": int(seqs.image_count[seqs.identity == i].sum()),
+            "cameras": int((store.cameras.identity == i).sum()),
+        })
+    sequences = [
+        {
+            "identity": store.identities[int(seqs.identity[k])],
+            "name": seqs.name[k],
+            "held_out": bool(seqs.held_out[k]),
+            "timesteps": int(seqs.timestep_count[k]),
+            "images": int(seqs.image_count[k]),
+        }
+        for k in range(len(seqs))
+    ]
+    stored = raw = 0
+    for _, ds in _datasets(f):
+        s, r = _storage(ds)
+        stored += s
+        raw += r
+    img_stored, img_raw = 0, 0
+    if "rgb" in f["images"]:
+        img_stored, img_raw = _storage(f["images/rgb"])
+    banks = []
+    if "banks" in f:
+        for name, g in f["banks"].items():
+            info = {k: _plain(v) for k, v in g.attrs.items()}
+            info["name"] = name
+            if "members" in g:
+                info["members"] = int(g["members"].shape[0])
+            if "neighbors/index" in g:
+                info["k"] = int(g["neighbors/index"].shape[1])
+                info.update({f"neighbors_{k}": _plain(v)
+                             for k, v in g["neighbors"].attrs.items()})
+            banks.append(info)
+    h, w = store.image_size or (0, 0)
+    return {
+        "path": str(store.path),
+        "format_version": store.format_version,
+        "exp_space": store.exp_space,
+        "exp_dim": store.exp_dim,
+        "pose_dim": store.pose_dim,
+        "synthetic": store.synthetic is not None,
+        "identities": identities,
+        "sequences": sequences,
+        "cameras": len(store.cameras),
+        "timesteps": len(ts),
+        "images": store.n_images,
+        "images_with_mask": int(store.image_has_mask.sum()),
+        "resolution": {"width": w, "height": h},
+        "compression": _plain(f["images"].attrs.get("compression", "")),
+        "file_bytes": store.path.stat().st_size,
+        "data_bytes_raw": raw,
+        "data_bytes_stored": stored,
+        "image_compression_ratio": (img_raw / img_stored) if img_stored else None,
+        "banks": banks,
+    }
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+@dataclass
+class VerifyResult:
+    chunks_read: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(store: Store, progress: Progress | None = None) -> VerifyResult:
+    """Read every chunk (checksums) and check every invariant of the contract."""
+    progress = progress or NullProgress()
+    result = VerifyResult()
+    f = store.h5()
+    problems = result.problems
+
+    # 1. every byte readable and matching its checksum
+    datasets = list(_datasets(f))
+    total = sum(_n_chunks(ds) for _, ds in datasets)
+    progress.start("reading chunks", total)
+    for name, ds in datasets:
+        try:
+            result.chunks_read += _read_all(ds, progress)
+        except OSError as err:
+            problems.append(f"/{name}: unreadable or checksum mismatch ({err})")
+
+    # 2. the contract
+    problems.extend(check_invariants(store))
+    return result
+
+
+def _n_chunks(ds: h5py.Dataset) -> int:
+    if ds.chunks is None or ds.shape[0] == 0:
+        return 1
+    return -(-ds.shape[0] // ds.chunks[0])
+
+
+def _read_all(ds: h5py.Dataset, progress: Progress) -> int:
+    if ds.chunks is None or ds.shape[0] == 0:
+        ds[()]
+        progress.advance()
+        return 1
+    step = ds.chunks[0]
+    n = 0
+    for start in range(0, ds.shape[0], step):
+        ds[start : start + step]
+        n += 1
+        progress.advance()
+    return n
+
+
+def check_invariants(store: Store) -> list[str]:
+    """Contract checks on the committed tables; returns human-readable violations."""
+    out: list[str] = []
+    f = store.h5()
+    n_id, n_seq, n_cam = len(store.identities), len(store.sequences), len(store.cameras)
+    ts, seqs, cams = store.timesteps, store.sequences, store.cameras
+    T = len(ts)
+
+    for group in TABLES:
+        rows = store.rows[group]
+        for name, ds in f[group].items():
+            if isinstance(ds, h5py.Dataset) and ds.shape[0] < rows:
+                out.append(f"/{group}/{name}: {ds.shape[0]} rows, fewer than committed {rows}")
+
+    def in_range(name: str, values: np.ndarray, n: int) -> None:
+        bad = np.flatnonzero((values < 0) | (values >= n))
+        if bad.size:
+            out.append(f"{name}: {bad.size} indices out of range [0, {n}) (first at row {bad[0]})")
+
+    in_range("/sequences/identity", seqs.identity, n_id)
+    in_range("/cameras/identity", cams.identity, n_id)
+    in_range("/timesteps/identity", ts.identity, n_id)
+    in_range("/timesteps/sequence", ts.sequence, n_seq)
+    if store.n_images:
+        in_range("/images/timestep", store.image_timestep, T)
+        in_range("/images/camera", store.image_camera, n_cam)
+
+    if T:
+        if store.exp_dim and ts.exp.shape[1] != store.exp_dim:
+            out.append(f"/timesteps/exp has {ts.exp.shape[1]} dims, root says {store.exp_dim}")
+        for name in ("exp", "pose", "scale"):
+            arr = getattr(ts, name)
+            bad = ~np.isfinite(arr).reshape(len(arr), -1).all(axis=1)
+            if bad.any():
+                out.append(f"/timesteps/{name}: {int(bad.sum())} rows not finite "
+                           f"(first at row {int(np.flatnonzero(bad)[0])})")
+        if not out:
+            if (seqs.identity[ts.sequence] != ts.identity).any():
+                out.append("/timesteps: identity differs from its sequence's identity")
+    if not np.isfinite(cams.K).all() or not np.isfinite(cams.world_to_cam).all():
+        out.append("/cameras: non-finite intrinsics or extrinsics")
+
+    for k in range(n_seq):
+        a, n = int(seqs.timestep_start[k]), int(seqs.timestep_count[k])
+        if a < 0 or a + n > T or (n and (ts.sequence[a : a + n] != k).any()):
+            out.append(f"/sequences row {k} ({seqs.name[k]}): timestep range does not match")
+        if n > 1 and (np.diff(ts.frame[a : a + n]) <= 0).any():
+            out.append(f"/sequences row {k} ({seqs.name[k]}): frames not increasing")
+        ia, ni = int(seqs.image_start[k]), int(seqs.image_count[k])
+        if ia < 0 or ia + ni > store.n_images:
+            out.append(f"/sequences row {k} ({seqs.name[k]}): image range out of bounds")
+        elif ni and not out:
+            t_of = store.image_timestep[ia : ia + ni]
+            if (ts.sequence[t_of] != k).any():
+                out.append(f"/sequences row {k} ({seqs.name[k]}): images of other sequences")
+
+    if store.n_images and not out:
+        img_id = ts.identity[store.image_timestep]
+        cam_id = cams.identity[store.image_camera]
+        bad = np.flatnonzero(img_id != cam_id)
+        if bad.size:
+            out.append(f"/images: {bad.size} images use another identity's camera "
+                       f"(first at row {bad[0]})")
+        pairs = store.image_timestep.astype(np.int64) * max(n_cam, 1) + store.image_camera
+        if len(np.unique(pairs)) != len(pairs):
+            out.append("/images: the same (timestep, camera) is stored twice")
+
+    out.extend(_check_banks(store))
+    return out
+
+
+def _check_banks(store: Store) -> list[str]:
+    """Bank invariants: members in range and not held out, neighbours never same identity."""
+    f = store.h5()
+    out: list[str] = []
+    if "banks" not in f:
+        return out
+    ts, T = store.timesteps, len(store.timesteps)
+    held = store.sequences.held_out[ts.sequence] if T else np.zeros(0, bool)
+    for name, g in f["banks"].items():
+        where = f"/banks/{name}"
+        if "members" not in g:
+            out.append(f"{where}: no members")
+            continue
+        members = g["members"][:]
+        if ((members < 0) | (members >= T)).any():
+            out.append(f"{where}/members: rows out of range")
+            continue
+        if held[members].any():
+            out.append(f"{where}/members: {int(held[members].sum())} held-out timesteps in bank")
+        if "neighbors/index" not in g:
+            continue
+        index = g["neighbors/index"]
+        dist = g["neighbors/dist"]
+        if index.shape[0] != T or dist.shape != index.shape:
+            out.append(f"{where}/neighbors: shape {index.shape} does not match {T} timesteps")
+            continue
+        step = 65536
+        for a in range(0, T, step):
+            idx = index[a : a + step]
+            d = dist[a : a + step]
+            valid = idx >= 0
+            if ((idx >= T) & valid).any():
+                out.append(f"{where}/neighbors/index: rows out of range")
+                break
+            same = valid & (ts.identity[np.where(valid, idx, 0)] == ts.identity[a : a + step, None])
+            if same.any():
+                r = a + int(np.flatnonzero(same.any(axis=1))[0])
+                out.append(f"{where}/neighbors/index: a neighbour of the same identity "
+                           f"(timestep {r})")
+                break
+            dd = np.where(valid, d, np.inf)
+            if (np.diff(dd, axis=1) < -1e-6).any():
+                out.append(f"{where}/neighbors/dist: not ascending")
+                break
+    return out
+
+
+def open_checked(path: str | Path) -> Store:
+    """Open a store for inspection (StoreError with a one-line reason otherwise)."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(path, "no such store file")
+    return Store(path)

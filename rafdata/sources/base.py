@@ -1,0 +1,111 @@
+"""What every source layout adapter yields: cameras, tracking and frames of one sequence.
+
+A *source* is a folder in some upstream layout (NeRSemble v2 raw, Gaussian Head Avatar
+preprocessed, ...). Adapters turn it into :class:`SequenceSource` objects; ``rafdata.ingest``
+only ever talks to this interface, so a new layout is one new module in ``rafdata/sources``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CameraCalib:
+    """One calibrated camera as the source images see it.
+
+    K: (3, 3) float64 intrinsics in pixels of the source image, OpenCV convention (the centre
+    of pixel (col, row) projects to (col, row)). world_to_cam: (4, 4) float64, OpenCV camera
+    axes (x right, y down, z forward). color: optional (3, 3) colour-correction matrix applied as
+    ``rgb_corrected = rgb @ color.T`` on linear [0, 1] values.
+    """
+
+    serial: str
+    K: np.ndarray
+    world_to_cam: np.ndarray
+    color: np.ndarray | None = None
+
+
+@dataclass
+class Tracking:
+    """Tracked coefficients of one sequence, one row per tracked video frame.
+
+    frames: (T,) int64 video frame indices, strictly increasing. exp: (T, D) float32
+    expression vectors in space ``exp_space``. pose: (T, 6) float32, axis-angle rotation then
+    translation, so a canonical point x maps to world as ``scale * R(pose[:3]) @ x + pose[3:]``.
+    scale: (T,) float32. ``path`` is the file (or folder) they were read from, for messages.
+    """
+
+    frames: np.ndarray
+    exp: np.ndarray
+    pose: np.ndarray
+    scale: np.ndarray
+    exp_space: str
+    path: Path
+
+
+@dataclass
+class Frame:
+    """One decoded image: rgb (H, W, 3) uint8 and, where the source has a matte, mask (H, W) uint8."""
+
+    rgb: np.ndarray
+    mask: np.ndarray | None = None
+
+
+class SequenceSource(Protocol):
+    """One captured sequence of one participant."""
+
+    participant: str  # e.g. "388": the folder name, kept as the source writes it
+    name: str  # e.g. "EXP-1-head"; "all" where the layout has no sequences
+    path: Path  # the sequence's folder, for messages
+
+    def cameras(self) -> list[CameraCalib]:
+        """Calibrated cameras with images in this sequence (raises SourceError on bad calibration)."""
+        ...
+
+    def tracking(self) -> Tracking:
+        """Validated tracking (finite, shapes checked); raises SourceError naming the file."""
+        ...
+
+    def check_camera(self, serial: str, frames: np.ndarray) -> None:
+        """Cheap check, without decoding, that ``frames`` can be read for this camera.
+
+        Raises SourceError (the camera is unusable: missing, unreadable, corrupt) or
+        FrameCountError (the camera has fewer frames than tracking needs).
+        """
+        ...
+
+    def read_frames(self, serial: str, frames: np.ndarray) -> Iterator[Frame]:
+        """Decode the given video frame indices of one camera, in order, one at a time."""
+        ...
+
+
+class Source(Protocol):
+    """A dataset root in one layout."""
+
+    layout: str
+    root: Path
+
+    def participants(self) -> list[str]:
+        ...
+
+    def sequences(self, participant: str) -> list[SequenceSource]:
+        ...
+
+
+@dataclass
+class SourceOptions:
+    """Choices that shape what a source yields (from the ingest command line)."""
+
+    tracking_root: Path | None = None  # where tracking lives when it is not beside the videos
+    tracking_format: str = "auto"  # auto | bfm | flame
+    flame_exp: str = "expression+jaw"  # which FLAME parts form the expression vector
+    participants: Sequence[str] | None = None
+    sequences: Sequence[str] | None = None
+    cameras: Sequence[str] | None = None
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,716 @@
+"""The rafdata store: one chunked HDF5 file holding frames, cameras and tracked coefficients.
+
+Layout (format version 1; see docs/store.md for the full contract)::
+
+    /                  attrs: format, format_version, exp_space, exp_dim, pose_dim, ...
+    /identities/name   (I,) str
+    /sequences/...     name, identity, held_out, timestep_start/count, image_start/count, source
+    /cameras/...       serial, identity, K (C,3,3), world_to_cam (C,4,4)
+    /timesteps/...     identity, sequence, frame, exp (T,D), pose (T,6), scale (T,)
+    /images/...        rgb (N,H,W,3) uint8, mask (N,H,W) uint8, has_mask, timestep, camera
+    /banks/{name}/...  written by rafdata.bank
+
+Crash safety: every table group carries an attribute ``rows``, the number of committed rows.
+Writers append past it and raise it only when a whole sequence is written (then flush), so a
+crash leaves rows the reader never shows; the next writer truncates them away. A sequence row
+exists only for complete sequences, which makes "is this sequence done?" a lookup.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc filter in this process; readers need it too)
+import numpy as np
+
+from rafdata.errors import StoreError
+
+FORMAT = "rafdata"
+FORMAT_VERSION = 1
+POSE_DIM = 6
+
+TABLES = ("identities", "sequences", "cameras", "timesteps", "images")
+_STR = h5py.string_dtype("utf-8")
+
+# Column specs per table: name -> (dtype, per-row shape, chunk rows). Images are created lazily
+# (their per-row shape is the image size) and are handled separately.
+_COLUMNS: dict[str, dict[str, tuple[Any, tuple[int, ...], int]]] = {
+    "identities": {"name": (_STR, (), 1024)},
+    "sequences": {
+        "name": (_STR, (), 1024),
+        "identity": (np.int32, (), 1024),
+        "held_out": (np.bool_, (), 1024),
+        "timestep_start": (np.int64, (), 1024),
+        "timestep_count": (np.int64, (), 1024),
+        "image_start": (np.int64, (), 1024),
+        "image_count": (np.int64, (), 1024),
+        "source": (_STR, (), 1024),
+    },
+    "cameras": {
+        "serial": (_STR, (), 1024),
+        "identity": (np.int32, (), 1024),
+        "K": (np.float64, (3, 3), 1024),
+        "world_to_cam": (np.float64, (4, 4), 1024),
+    },
+    "timesteps": {
+        "identity": (np.int32, (), 65536),
+        "sequence": (np.int32, (), 65536),
+        "frame": (np.int64, (), 65536),
+        "pose": (np.float32, (POSE_DIM,), 16384),
+        "scale": (np.float32, (), 65536),
+        # exp is created with the store's expression dimension
+    },
+}
+_IMAGE_COLUMNS = {
+    "timestep": np.int64,
+    "camera": np.int32,
+    "has_mask": np.bool_,
+}
+
+COMPRESSIONS = ("blosc-lz4", "blosc-zstd", "gzip", "lzf", "none")
+DEFAULT_COMPRESSION = "blosc-lz4"  # chosen by bench/bench_store.py, see docs/benchmarks.md
+
+
+def compression_options(name: str) -> dict[str, Any]:
+    """``create_dataset`` keywords for a lossless image codec (always with a checksum).
+
+    Fletcher32 checksums let ``rafdata inspect --verify`` detect any damaged chunk.
+    """
+    if name == "blosc-lz4":
+        opts: dict[str, Any] = dict(
+            hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+        )
+    elif name == "blosc-zstd":
+        opts = dict(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    elif name == "gzip":
+        opts = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    elif name == "lzf":
+        opts = {"compression": "lzf", "shuffle": True}
+    elif name == "none":
+        opts = {}
+    else:
+        raise ValueError(f"unknown compression {name!r}; choose from {', '.join(COMPRESSIONS)}")
+    opts["fletcher32"] = True
+    return opts
+
+
+def check_format(f: h5py.File, path: Path) -> None:
+    """Refuse files that are not rafdata stores or come from a newer format version."""
+    fmt = f.attrs.get("format")
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode()
+    if fmt != FORMAT:
+        raise StoreError(path, "not a rafdata store (no format='rafdata' attribute)")
+    version = int(f.attrs.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            path,
+            f"written by a newer rafdata (format version {version}); this one reads "
+            f"version {FORMAT_VERSION}: upgrade rafdata",
+        )
+    if version < 1:
+        raise StoreError(path, f"unknown format version {version}")
+
+
+def _open_h5(path: Path, mode: str) -> h5py.File:
+    try:
+        # locking=False: readers (DataLoader workers, inspect) must open a store while another
+        # process holds it, and HDF5's locks fail outright on NFS.
+        return h5py.File(path, mode, locking=False)
+    except FileNotFoundError:
+        raise StoreError(path, "no such store file") from None
+    except OSError as err:
+        raise StoreError(path, f"cannot open as HDF5 ({err.__class__.__name__}: {err})") from None
+
+
+def _str_list(ds: h5py.Dataset, n: int) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[:n]]
+
+
+def identity_matches(name: str, query: str) -> bool:
+    """Participant ids compare as integers when both are numeric ("17" == "017")."""
+    if name == query:
+        return True
+    return name.isdigit() and query.isdigit() and int(name) == int(query)
+
+
+# --------------------------------------------------------------------------------------------
+# Reader
+
+
+@dataclass(frozen=True)
+class SequenceTable:
+    """All committed sequences; arrays of shape (S,)."""
+
+    name: list[str]
+    identity: np.ndarray
+    held_out: np.ndarray
+    timestep_start: np.ndarray
+    timestep_count: np.ndarray
+    image_start: np.ndarray
+    image_count: np.ndarray
+    source: list[str]
+
+    def __len__(self) -> int:
+        return len(self.name)
+
+
+@dataclass(frozen=True)
+class CameraTable:
+    """All committed cameras: serial, identity (C,), K (C,3,3) and world_to_cam (C,4,4).
+
+    K and world_to_cam are as the stored images see them (after crop and resize), K in pixels
+    with OpenCV pixel centres (pixel (col, row) has its centre at (col, row)).
+    """
+
+    serial: list[str]
+    identity: np.ndarray
+    K: np.ndarray
+    world_to_cam: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.serial)
+
+
+@dataclass(frozen=True)
+class TimestepTable:
+    """Tracked coefficients, one row per timestep.
+
+    identity, sequence: (T,) int indices into /identities and /sequences. frame: (T,) video frame
+    index. exp: (T, D) float32. pose: (T, 6) float32 axis-angle + translation. scale: (T,).
+    """
+
+    identity: np.ndarray
+    sequence: np.ndarray
+    frame: np.ndarray
+    exp: np.ndarray
+    pose: np.ndarray
+    scale: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """One stored image with everything needed to render it.
+
+    rgb: (H, W, 3) uint8. mask: (H, W) uint8 (255 = head) or None where the source had no matte.
+    K: (3, 3), world_to_cam: (4, 4) float64. exp: (D,), pose: (6,) float32; scale float.
+    """
+
+    index: int
+    rgb: np.ndarray
+    mask: np.ndarray | None
+    timestep: int
+    camera: int
+    serial: str
+    K: np.ndarray
+    world_to_cam: np.ndarray
+    identity: int
+    sequence: int
+    frame: int
+    exp: np.ndarray
+    pose: np.ndarray
+    scale: float
+
+
+class Store:
+    """Read-only view of a store, showing committed rows only.
+
+    Small tables (identities, sequences, cameras, timesteps) are read into memory on open;
+    images are read one at a time (fancy indexing many rows of a chunked 4-D dataset is far
+    slower). The HDF5 handle is opened lazily and dropped when pickled, so a Store can be passed
+    to DataLoader workers and each worker opens its own handle after the fork.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file: h5py.File | None = None
+        self._load()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _h5(self) -> h5py.File:
+        if self._file is None:
+            self._file = _open_h5(self.path, "r")
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_file"] = None  # h5py objects do not pickle; each process reopens
+        return state
+
+    def _load(self) -> None:
+        f = self._h5()
+        check_format(f, self.path)
+        for group in TABLES:
+            if group not in f:
+                raise StoreError(self.path, f"missing group /{group}")
+        self.attrs: dict[str, Any] = {
+            k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
+        }
+        self.format_version = int(self.attrs["format_version"])
+        self.exp_space = str(self.attrs.get("exp_space", ""))
+        self.exp_dim = int(self.attrs.get("exp_dim", 0))
+        self.pose_dim = int(self.attrs.get("pose_dim", POSE_DIM))
+        rows = {g: int(f[g].attrs.get("rows", 0)) for g in TABLES}
+        self.rows = rows
+        self.identities = _str_list(f["identities/name"], rows["identities"])
+        s = f["sequences"]
+        n = rows["sequences"]
+        self.sequences = SequenceTable(
+            name=_str_list(s["name"], n),
+            identity=s["identity"][:n],
+            held_out=s["held_out"][:n],
+            timestep_start=s["timestep_start"][:n],
+            timestep_count=s["timestep_count"][:n],
+            image_start=s["image_start"][:n],
+            image_count=s["image_count"][:n],
+            source=_str_list(s["source"], n),
+        )
+        c = f["cameras"]
+        n = rows["cameras"]
+        self.cameras = CameraTable(
+            serial=_str_list(c["serial"], n),
+            identity=c["identity"][:n],
+            K=c["K"][:n],
+            world_to_cam=c["world_to_cam"][:n],
+        )
+        t = f["timesteps"]
+        n = rows["timesteps"]
+        exp = t["exp"][:n] if "exp" in t else np.zeros((0, 0), np.float32)
+        self.timesteps = TimestepTable(
+            identity=t["identity"][:n],
+            sequence=t["sequence"][:n],
+            frame=t["frame"][:n],
+            exp=exp,
+            pose=t["pose"][:n],
+            scale=t["scale"][:n],
+        )
+        im = f["images"]
+        n = rows["images"]
+        self.n_images = n
+        self.image_timestep = im["timestep"][:n]
+        self.image_camera = im["camera"][:n]
+        self.image_has_mask = im["has_mask"][:n]
+        self.image_size: tuple[int, int] | None = (
+            (int(im["rgb"].shape[1]), int(im["rgb"].shape[2])) if "rgb" in im else None
+        )  # (H, W)
+
+    # -- lookups ---------------------------------------------------------------------------
+    @property
+    def synthetic(self) -> dict | None:
+        """The generator manifest when the store was made from ``rafdata synth`` data."""
+        raw = self.attrs.get("synthetic")
+        return json.loads(raw) if raw else None
+
+    def identity_index(self, name: str) -> int:
+        """Row of /identities for a participant id ("17" finds "017"); StoreError if absent."""
+        for i, known in enumerate(self.identities):
+            if identity_matches(known, str(name)):
+                return i
+        raise StoreError(
+            self.path,
+            f"identity {name!r} is not in the store (has: {', '.join(self.identities) or 'none'})",
+        )
+
+    def sequence_rows(
+        self,
+        identity: str | int | None = None,
+        names: Iterable[str] | None = None,
+        held_out: bool | None = None,
+    ) -> np.ndarray:
+        """Indices of /sequences matching all given filters."""
+        keep = np.ones(len(self.sequences), bool)
+        if identity is not None:
+            idx = identity if isinstance(identity, int) else self.identity_index(identity)
+            keep &= self.sequences.identity == idx
+        if names is not None:
+            wanted = set(names)
+            keep &= np.array([n in wanted for n in self.sequences.name], bool)
+        if held_out is not None:
+            keep &= self.sequences.held_out == held_out
+        return np.flatnonzero(keep)
+
+    def timestep_rows(
+        self,
+        identity: str | int | None = None,
+        sequences: Iterable[str] | None = None,
+        held_out: bool | None = None,
+    ) -> np.ndarray:
+        """Indices of /timesteps in the selected sequences, ascending."""
+        seqs = self.sequence_rows(identity, sequences, held_out)
+        return np.flatnonzero(np.isin(self.timesteps.sequence, seqs))
+
+    def image_rows(
+        self,
+        identity: str | int | None = None,
+        sequences: Iterable[str] | None = None,
+        held_out: bool | None = None,
+        serials: Iterable[str] | None = None,
+    ) -> np.ndarray:
+        """Indices of /images whose timestep is selected (and whose camera serial, if given)."""
+        ts = np.zeros(len(self.timesteps), bool)
+        ts[self.timestep_rows(identity, sequences, held_out)] = True
+        keep = ts[self.image_timestep] if self.n_images else np.zeros(0, bool)
+        if serials is not None:
+            wanted = set(serials)
+            cam_ok = np.array([s in wanted for s in self.cameras.serial], bool)
+            keep &= cam_ok[self.image_camera]
+        return np.flatnonzero(keep)
+
+    # -- images ----------------------------------------------------------------------------
+    def read_rgb(self, index: int) -> np.ndarray:
+        """(H, W, 3) uint8 image ``index``."""
+        self._check_image_index(index)
+        return self._h5()["images/rgb"][index]
+
+    def read_mask(self, index: int) -> np.ndarray | None:
+        """(H, W) uint8 matte of image ``index`` or None when the source had none."""
+        self._check_image_index(index)
+        if not self.image_has_mask[index]:
+            return None
+        return self._h5()["images/mask"][index]
+
+    def image(self, index: int) -> ImageSample:
+        """Image ``index`` with its camera and timestep row."""
+        index = int(index)
+        t = int(self.image_timestep[index])
+        c = int(self.image_camera[index])
+        ts = self.timesteps
+        return ImageSample(
+            index=index,
+            rgb=self.read_rgb(index),
+            mask=self.read_mask(index),
+            timestep=t,
+            camera=c,
+            serial=self.cameras.serial[c],
+            K=self.cameras.K[c],
+            world_to_cam=self.cameras.world_to_cam[c],
+            identity=int(ts.identity[t]),
+            sequence=int(ts.sequence[t]),
+            frame=int(ts.frame[t]),
+            exp=ts.exp[t],
+            pose=ts.pose[t],
+            scale=float(ts.scale[t]),
+        )
+
+    def _check_image_index(self, index: int) -> None:
+        if not 0 <= index < self.n_images:
+            raise IndexError(f"image {index} out of range (store has {self.n_images})")
+
+    def h5(self) -> h5py.File:
+        """The open HDF5 file (read-only), for modules that own other groups (banks)."""
+        return self._h5()
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+
+
+class StoreWriter:
+    """Appends sequences to a store, one committed sequence at a time.
+
+    Usage::
+
+        with StoreWriter(path, exp_space="bfm09", exp_dim=64) as w:
+            with w.sequence("388", "EXP-1-head", held_out=False, source=...) as seq:
+                rows = seq.add_timesteps(frames, exp, pose, scale)
+                cam = seq.camera("222200037", K, world_to_cam)
+                seq.add_image(rgb, mask, rows[0], cam)
+
+    Opening an existing store checks its format version read-only first, so a newer store is
+    refused before anything is written, then drops rows left over from an interrupted run.
+    """
+
+    def __init__(self, path: str | Path, compression: str = DEFAULT_COMPRESSION):
+        self.path = Path(path)
+        self.compression = compression
+        compression_options(compression)  # validate early
+        if self.path.exists():
+            probe = _open_h5(self.path, "r")
+            try:
+                check_format(probe, self.path)
+            finally:
+                probe.close()
+            self.f = _open_h5(self.path, "r+")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = _open_h5(self.path, "w-")
+            self._create_schema()
+        self._recover()
+
+    # -- schema ----------------------------------------------------------------------------
+    def _create_schema(self) -> None:
+        f = self.f
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["exp_space"] = ""
+        f.attrs["exp_dim"] = 0
+        f.attrs["pose_dim"] = POSE_DIM
+        for group, cols in _COLUMNS.items():
+            g = f.create_group(group)
+            g.attrs["rows"] = 0
+            for name, (dtype, shape, chunk) in cols.items():
+                g.create_dataset(
+                    name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                    chunks=(chunk, *shape),
+                )
+        g = f.create_group("images")
+        g.attrs["rows"] = 0
+        for name, dtype in _IMAGE_COLUMNS.items():
+            g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(65536,))
+        f.flush()
+
+    def _recover(self) -> None:
+        """Drop uncommitted rows (from a crash) and load the committed state."""
+        f = self.f
+        for group in TABLES:
+            rows = int(f[group].attrs["rows"])
+            for ds in f[group].values():
+                if isinstance(ds, h5py.Dataset) and ds.shape[0] != rows:
+                    ds.resize(rows, axis=0)
+        self.exp_space = str(f.attrs["exp_space"])
+        self.exp_dim = int(f.attrs["exp_dim"])
+        self.identities = _str_list(f["identities/name"], f["identities"].attrs["rows"])
+        n = int(f["cameras"].attrs["rows"])
+        self._cameras = {
+            (int(i), s): k
+            for k, (i, s) in enumerate(
+                zip(f["cameras/identity"][:n], _str_list(f["cameras/serial"], n), strict=True)
+            )
+        }
+        n = int(f["sequences"].attrs["rows"])
+        self._done = {
+            (int(i), s)
+            for i, s in zip(
+                f["sequences/identity"][:n], _str_list(f["sequences/name"], n), strict=True
+            )
+        }
+
+    def close(self) -> None:
+        if self.f:
+            self.f.flush()
+            self.f.close()
+            self.f = None  # type: ignore[assignment]
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries ---------------------------------------------------------------------------
+    def identity_row(self, name: str) -> int | None:
+        for i, known in enumerate(self.identities):
+            if identity_matches(known, name):
+                return i
+        return None
+
+    def has_sequence(self, identity: str, name: str) -> bool:
+        """True when this (identity, sequence) was committed by an earlier run."""
+        i = self.identity_row(identity)
+        return i is not None and (i, name) in self._done
+
+    def set_attr(self, name: str, value: Any) -> None:
+        """A root attribute outside the committed tables (e.g. the synthetic manifest)."""
+        self.f.attrs[name] = value
+
+    def check_exp_space(self, exp_space: str, exp_dim: int, source: Path) -> None:
+        """Every vector in one store lives in one expression space; refuse a second one."""
+        from rafdata.errors import SourceError
+
+        if self.exp_space and (exp_space != self.exp_space or exp_dim != self.exp_dim):
+            raise SourceError(
+                source,
+                f"expression space {exp_space} ({exp_dim} dims) differs from the store's "
+                f"{self.exp_space} ({self.exp_dim} dims); one store holds one space",
+            )
+
+    # -- writing ---------------------------------------------------------------------------
+    @contextmanager
+    def sequence(
+        self, identity: str, name: str, held_out: bool, source: str | Path
+    ) -> Iterator[SequenceWriter]:
+        """Write one sequence; committed on clean exit, rolled back on any exception."""
+        seq = SequenceWriter(self, identity, name, held_out, str(source))
+        try:
+            yield seq
+            seq._commit()
+        except BaseException:
+            self.f.flush()
+            self._recover()  # forget the partial sequence (rows past the committed counts)
+            raise
+
+
+def _append(ds: h5py.Dataset, values: np.ndarray) -> int:
+    """Append rows to a resizable dataset; returns the first new row."""
+    start = ds.shape[0]
+    ds.resize(start + len(values), axis=0)
+    ds[start:] = values
+    return start
+
+
+class SequenceWriter:
+    """Rows of one sequence being written; see :meth:`StoreWriter.sequence`."""
+
+    def __init__(self, w: StoreWriter, identity: str, name: str, held_out: bool, source: str):
+        self.w = w
+        self.f = w.f
+        self.name = name
+        self.held_out = held_out
+        self.source = source
+        row = w.identity_row(identity)
+        if row is None:
+            row = _append(self.f["identities/name"], np.array([identity], dtype=object))
+            w.identities.append(identity)
+        self.identity = row
+        self.sequence = int(self.f["sequences"].attrs["rows"])
+        self.timestep_start = int(self.f["timesteps"].attrs["rows"])
+        self.image_start = int(self.f["images"].attrs["rows"])
+        self.n_timesteps = 0
+        self.n_images = 0
+
+    def add_timesteps(
+        self,
+        frames: np.ndarray,
+        exp: np.ndarray,
+        pose: np.ndarray,
+        scale: np.ndarray,
+        exp_space: str,
+    ) -> np.ndarray:
+        """Append T timesteps: frames (T,), exp (T,D), pose (T,6), scale (T,).
+
+        Returns their rows in /timesteps, shape (T,).
+        """
+        exp = np.asarray(exp, np.float32)
+        t = self.f["timesteps"]
+        dim = int(exp.shape[1])
+        if not self.w.exp_space:
+            # First vectors of the store fix its space; drop a leftover from a rolled-back run.
+            if "exp" in t and t["exp"].shape[1] != dim:
+                del t["exp"]
+            if "exp" not in t:
+                t.create_dataset("exp", shape=(0, dim), maxshape=(None, dim), dtype=np.float32,
+                                 chunks=(max(1, 65536 // dim), dim))
+            self.w.exp_space, self.w.exp_dim = exp_space, dim
+        self.w.check_exp_space(exp_space, dim, Path(self.source))
+        n = len(frames)
+        start = _append(t["frame"], np.asarray(frames, np.int64))
+        _append(t["identity"], np.full(n, self.identity, np.int32))
+        _append(t["sequence"], np.full(n, self.sequence, np.int32))
+        _append(t["exp"], exp)
+        _append(t["pose"], np.asarray(pose, np.float32))
+        _append(t["scale"], np.asarray(scale, np.float32))
+        self.n_timesteps += n
+        return np.arange(start, start + n)
+
+    def camera(self, serial: str, K: np.ndarray, world_to_cam: np.ndarray) -> int:
+        """Row of /cameras for this identity's camera, added on first use.
+
+        A camera seen before must come with the same calibration (a store keeps one crop and
+        size per camera); a mismatch is a StoreError.
+        """
+        key = (self.identity, serial)
+        c = self.f["cameras"]
+        if key in self.w._cameras:
+            row = self.w._cameras[key]
+            if not (np.allclose(c["K"][row], K, atol=1e-6)
+                    and np.allclose(c["world_to_cam"][row], world_to_cam, atol=1e-6)):
+                raise StoreError(
+                    self.w.path,
+                    f"camera {serial} of identity {self.w.identities[self.identity]} is stored "
+                    "with other intrinsics/extrinsics (different --crop/--size than before?)",
+                )
+            return row
+        row = _append(c["serial"], np.array([serial], dtype=object))
+        _append(c["identity"], np.array([self.identity], np.int32))
+        _append(c["K"], np.asarray(K, np.float64)[None])
+        _append(c["world_to_cam"], np.asarray(world_to_cam, np.float64)[None])
+        self.w._cameras[key] = row
+        return row
+
+    def _image_datasets(self, height: int, width: int) -> None:
+        im = self.f["images"]
+        if "rgb" in im:
+            h, w = im["rgb"].shape[1:3]
+            if (h, w) != (height, width):
+                raise StoreError(
+                    self.w.path,
+                    f"images are {width}x{height} but the store holds {w}x{h}; pass "
+                    f"--size {w} {h} to resize on ingest",
+                )
+            return
+        opts = compression_options(self.w.compression)
+        im.create_dataset("rgb", shape=(0, height, width, 3), maxshape=(None, height, width, 3),
+                          dtype=np.uint8, chunks=(1, height, width, 3), **opts)
+        im.create_dataset("mask", shape=(0, height, width), maxshape=(None, height, width),
+                          dtype=np.uint8, chunks=(1, height, width), fillvalue=0, **opts)
+        im.attrs["compression"] = self.w.compression
+
+    def add_images(
+        self,
+        rgb: np.ndarray,
+        mask: np.ndarray | None,
+        timesteps: Sequence[int] | np.ndarray,
+        camera: int,
+    ) -> None:
+        """Append a batch of images of one camera: rgb (B,H,W,3) uint8, mask (B,H,W) or None."""
+        rgb = np.asarray(rgb, np.uint8)
+        b, h, w = rgb.shape[:3]
+        self._image_datasets(h, w)
+        im = self.f["images"]
+        start = im["rgb"].shape[0]
+        for name in ("rgb", "mask", "timestep", "camera", "has_mask"):
+            im[name].resize(start + b, axis=0)
+        # Per-image writes: one chunk each, so the filter pipeline runs once per chunk.
+        for i in range(b):
+            im["rgb"][start + i] = rgb[i]
+            if mask is not None:
+                im["mask"][start + i] = mask[i]
+        im["timestep"][start:] = np.asarray(timesteps, np.int64)
+        im["camera"][start:] = camera
+        im["has_mask"][start:] = mask is not None
+        self.n_images += b
+
+    def _commit(self) -> None:
+        f = self.f
+        s = f["sequences"]
+        for name, value in (
+            ("name", np.array([self.name], dtype=object)),
+            ("identity", np.array([self.identity], np.int32)),
+            ("held_out", np.array([self.held_out])),
+            ("timestep_start", np.array([self.timestep_start], np.int64)),
+            ("timestep_count", np.array([self.n_timesteps], np.int64)),
+            ("image_start", np.array([self.image_start], np.int64)),
+            ("image_count", np.array([self.n_images], np.int64)),
+            ("source", np.array([self.source], dtype=object)),
+        ):
+            _append(s[name], value)
+        if self.w.exp_space:
+            f.attrs["exp_space"] = self.w.exp_space
+            f.attrs["exp_dim"] = self.w.exp_dim
+        # Make the data durable before the counters that expose it.
+        f.flush()
+        for group in TABLES:
+            first = next(ds for ds in f[group].values() if isinstance(ds, h5py.Dataset))
+            f[group].attrs["rows"] = first.shape[0]
+        f.flush()
+        self.w._done.add((self.identity, self.name))

@@ -1,0 +1,195 @@
+"""Store contract: round trip, commit/rollback, crash recovery, version refusal, checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+from rafdata.errors import SourceError, StoreError
+from rafdata.inspect import check_invariants, verify
+from rafdata.store import FORMAT_VERSION, Store, StoreWriter
+from tests.store_helpers import camera, fake_sequence, write_store
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_round_trip_tables_and_images(tmp_path):
+    path = tmp_path / "s.h5"
+    truth = write_store(path)
+    with Store(path) as s:
+        assert s.identities == ["388", "422"]
+        assert s.exp_space == "test" and s.exp_dim == 8 and s.pose_dim == 6
+        assert s.image_size == (24, 32)
+        assert len(s.sequences) == 4 and s.n_images == 4 * 2 * 5
+        for (pid, seq), t in truth.items():
+            rows = s.timestep_rows(identity=pid, sequences=[seq])
+            np.testing.assert_array_equal(s.timesteps.exp[rows], t["exp"])
+            np.testing.assert_array_equal(s.timesteps.pose[rows], t["pose"])
+            np.testing.assert_array_equal(s.timesteps.frame[rows], t["frames"])
+            imgs = s.image_rows(identity=pid, sequences=[seq], serials=["222200031"])
+            assert len(imgs) == 5
+            for k, i in enumerate(imgs):
+                sample = s.image(i)
+                np.testing.assert_array_equal(sample.rgb, t["rgb"][1, k])
+                np.testing.assert_array_equal(sample.mask, t["mask"][1, k])
+                np.testing.assert_array_equal(sample.exp, t["exp"][k])
+                assert sample.serial == "222200031"
+                np.testing.assert_allclose(sample.K, camera(1)[0])
+        assert s.sequences.held_out.tolist() == [False, True, False, True]
+        assert len(s.timestep_rows(held_out=False)) == 10
+        assert s.identity_index("0388") == 0
+        with pytest.raises(StoreError, match="identity '999' is not in the store"):
+            s.identity_index("999")
+    assert check_invariants(Store(path)) == []
+
+
+def test_store_pickles_without_handle(tmp_path):
+    path = tmp_path / "s.h5"
+    truth = write_store(path, identities=("388",), sequences=("A",))
+    s = Store(path)
+    s.read_rgb(0)
+    clone = pickle.loads(pickle.dumps(s))
+    np.testing.assert_array_equal(clone.read_rgb(3), truth[("388", "A")]["rgb"][0, 3])
+
+
+def test_exception_rolls_back_sequence(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",))
+    rng = np.random.default_rng(1)
+    with StoreWriter(path) as w:
+        with pytest.raises(RuntimeError):
+            with w.sequence("500", "B", False, "mem") as sw:
+                rows = sw.add_timesteps(*fake_sequence(rng), "test")
+                sw.add_images(np.zeros((5, 24, 32, 3), np.uint8), None, rows,
+                              sw.camera("1", *camera()))
+                raise RuntimeError("boom")
+        assert not w.has_sequence("500", "B")
+    with Store(path) as s:
+        assert s.identities == ["388"]
+        assert len(s.timesteps) == 5 and s.n_images == 10 and len(s.cameras) == 2
+        assert check_invariants(s) == []
+
+
+def test_crash_mid_sequence_then_resume(tmp_path):
+    """A process killed mid-sequence leaves nothing the reader shows; the next run continues."""
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",))
+    script = textwrap.dedent(f"""
+        import os, numpy as np
+        from rafdata.store import StoreWriter
+        w = StoreWriter({str(path)!r})
+        with w.sequence("422", "B", False, "mem") as sw:
+            rows = sw.add_timesteps(np.arange(5), np.ones((5, 8)), np.zeros((5, 6)),
+                                    np.ones(5), "test")
+            cam = sw.camera("9", np.eye(3), np.eye(4))
+            sw.add_images(np.full((3, 24, 32, 3), 7, np.uint8), None, rows[:3], cam)
+            w.f.flush()
+            os._exit(9)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()
+    with Store(path) as s:  # the reader sees only the committed sequence
+        assert s.identities == ["388"] and len(s.timesteps) == 5 and s.n_images == 10
+        assert check_invariants(s) == []
+    with StoreWriter(path) as w:  # a new run truncates the leftovers and appends
+        assert not w.has_sequence("422", "B")
+        with w.sequence("422", "B", False, "mem") as sw:
+            rows = sw.add_timesteps(np.arange(2), np.ones((2, 8)), np.zeros((2, 6)),
+                                    np.ones(2), "test")
+    with Store(path) as s:
+        assert s.identities == ["388", "422"] and len(s.timesteps) == 7
+        assert s.h5()["timesteps/exp"].shape[0] == 7
+        assert check_invariants(s) == []
+
+
+def test_newer_version_refused_and_untouched(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",))
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = FORMAT_VERSION + 1
+    before = sha(path)
+    with pytest.raises(StoreError, match="newer rafdata"):
+        Store(path)
+    with pytest.raises(StoreError, match="newer rafdata"):
+        StoreWriter(path)
+    assert sha(path) == before
+
+
+def test_not_a_store(tmp_path):
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = 1
+    with pytest.raises(StoreError, match="not a rafdata store"):
+        Store(plain)
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    with pytest.raises(StoreError, match="cannot open as HDF5"):
+        Store(junk)
+    with pytest.raises(StoreError, match="no such store file"):
+        Store(tmp_path / "missing.h5")
+
+
+def test_mixing_expression_spaces_refused(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",))
+    with StoreWriter(path) as w, pytest.raises(SourceError, match="one store holds one space"):
+        w.check_exp_space("flame2023:expression+jaw", 103, tmp_path / "t.npz")
+    with StoreWriter(path) as w, pytest.raises(SourceError, match="differs"):
+        with w.sequence("422", "B", False, "mem") as sw:
+            sw.add_timesteps(np.arange(2), np.ones((2, 9)), np.zeros((2, 6)), np.ones(2), "test")
+    assert len(Store(path).timesteps) == 5
+
+
+def test_image_size_and_camera_mismatch(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",))
+    with StoreWriter(path) as w, pytest.raises(StoreError, match="--size 32 24"):
+        with w.sequence("422", "B", False, "mem") as sw:
+            rows = sw.add_timesteps(*fake_sequence(np.random.default_rng()), "test")
+            sw.add_images(np.zeros((5, 10, 10, 3), np.uint8), None, rows,
+                          sw.camera("1", *camera()))
+    with StoreWriter(path) as w, pytest.raises(StoreError, match="other intrinsics"):
+        with w.sequence("388", "B", False, "mem") as sw:
+            sw.camera("222200030", np.eye(3), np.eye(4))
+    assert len(Store(path).sequences) == 1
+
+
+def test_verify_detects_damaged_chunk(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",))
+    with Store(path) as s:
+        ok = verify(s)
+        assert ok.ok and ok.chunks_read > 10
+        offset = s.h5()["images/rgb"].id.get_chunk_info(3).byte_offset
+    data = bytearray(path.read_bytes())
+    for k in range(16):
+        data[offset + 40 + k] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with Store(path) as s:
+        res = verify(s)
+    assert not res.ok and any("images/rgb" in p for p in res.problems)
+
+
+def test_invariants_catch_bad_rows(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388", "422"), sequences=("A",))
+    with h5py.File(path, "r+") as f:
+        f["images/camera"][0] = 3  # a camera of the other identity
+        f["timesteps/exp"][1, 0] = np.nan
+    with Store(path) as s:
+        problems = check_invariants(s)
+    assert any("not finite" in p for p in problems)
+    with h5py.File(path, "r+") as f:
+        f["timesteps/exp"][1, 0] = 0
+    with Store(path) as s:
+        problems = check_invariants(s)
+    assert any("another identity's camera" in p for p in problems)
