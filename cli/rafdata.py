@@ -13,7 +13,7 @@ from rich.table import Table
 from cli.common import FriendlyGroup, split_list
 from rafdata.progress import RichProgress
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths must stay on one line
 
 
 @click.group(cls=FriendlyGroup)
@@ -58,16 +58,7 @@ def synth(out: Path, participants, sequences, cameras, frames, frame_step, width
         cfg = replace(cfg, alpha_maps=False)
     writer = write_gha_dataset if layout == "gha" else write_dataset
     with RichProgress(quiet) as progress:
-        progress.start("rendering", None)
-        last = [0]
-
-        def report(done: int, total: int) -> None:
-            if progress._bar is not None and progress._task is not None:
-                progress._bar.update(progress._task, total=total)
-            progress.advance(done - last[0])
-            last[0] = done
-
-        writer(out, cfg, progress=report)
+        writer(out, cfg, progress=progress.callback("rendering"))
     if not quiet:
         console.print(f"wrote {layout} dataset to [bold]{out}[/]: {len(cfg.participants)} "
                       f"participants x {len(cfg.sequences)} sequences x {len(cfg.cameras)} "

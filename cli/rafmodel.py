@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cli.common import FriendlyGroup
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths must stay on one line
 
 
 @click.group(cls=FriendlyGroup)

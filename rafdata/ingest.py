@@ -130,7 +130,7 @@ def ingest(
     t0 = time.perf_counter()
     report = IngestReport()
     src = Path(src)
-    source = open_source(src, cfg.layout, cfg.source_options())
+    source = open_source(src, cfg.layout, cfg.source_options(), warn=progress.warn)
     sequences = [s for pid in source.participants() for s in source.sequences(pid)]
     if not sequences:
         raise SourceError(src, "no sequence with tracking found (check --tracking/--participants)")
@@ -161,7 +161,8 @@ def _read_tracking(
     todo: Sequence[SequenceSource], writer: StoreWriter, cfg: IngestConfig, progress: Progress
 ) -> list[_Pending]:
     """Read and validate the tracking of every pending sequence before writing anything."""
-    progress.start("tracking", len(todo))
+    if todo:
+        progress.start("tracking", len(todo))
     pending = []
     space: tuple[str, int, Path] | None = None
     for s in todo:
@@ -180,7 +181,22 @@ def _read_tracking(
         cams = s.cameras() if cfg.wants_images(s.participant) else []
         pending.append(_Pending(s, tr, keep, cams))
         progress.advance()
+    _warn_missing_cameras(pending, progress)
     return pending
+
+
+def _warn_missing_cameras(pending: list[_Pending], progress: Progress) -> None:
+    """A camera a participant has elsewhere but not in this sequence is worth a warning."""
+    by_participant: dict[str, set[str]] = {}
+    for p in pending:
+        by_participant.setdefault(p.seq.participant, set()).update(c.serial for c in p.cameras)
+    for p in pending:
+        if not p.cameras:
+            continue
+        missing = by_participant[p.seq.participant] - {c.serial for c in p.cameras}
+        for serial in sorted(missing):
+            progress.warn(f"{p.seq.path}: no video for camera {serial}; "
+                          f"{p.label} is ingested without it")
 
 
 def _record_provenance(writer: StoreWriter, src: Path, cfg: IngestConfig) -> None:

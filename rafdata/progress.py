@@ -6,6 +6,7 @@ rate and ETA, warnings printed above them) or, with ``--quiet``, one that prints
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from rich.console import Console
@@ -90,6 +91,18 @@ class RichProgress:
         self._bar.advance(self._task, n)
         speed = self._bar.tasks[-1].speed
         self._bar.update(self._task, rate=f"{speed:.1f}/s" if speed else "")
+
+    def callback(self, label: str) -> Callable[[int, int], None]:
+        """A ``(done, total)`` callback for code that reports absolute counts."""
+        last = [0]
+
+        def report(done: int, total: int) -> None:
+            if last[0] == 0 and done <= 1:
+                self.start(label, total)
+            self.advance(done - last[0])
+            last[0] = done
+
+        return report
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

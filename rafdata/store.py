@@ -587,6 +587,12 @@ class SequenceWriter:
         self.image_start = int(self.f["images"].attrs["rows"])
         self.n_timesteps = 0
         self.n_images = 0
+        # Per-image columns are kept here and written once at commit.
+        self._rgb: h5py.Dataset | None = None
+        self._mask: h5py.Dataset | None = None
+        self._image_timestep: list[int] = []
+        self._image_camera: list[int] = []
+        self._image_has_mask: list[bool] = []
 
     def add_timesteps(
         self,
@@ -675,23 +681,36 @@ class SequenceWriter:
         """Append a batch of images of one camera: rgb (B,H,W,3) uint8, mask (B,H,W) or None."""
         rgb = np.asarray(rgb, np.uint8)
         b, h, w = rgb.shape[:3]
-        self._image_datasets(h, w)
-        im = self.f["images"]
-        start = im["rgb"].shape[0]
-        for name in ("rgb", "mask", "timestep", "camera", "has_mask"):
-            im[name].resize(start + b, axis=0)
+        if self._rgb is None:
+            self._image_datasets(h, w)
+            self._rgb, self._mask = self.f["images/rgb"], self.f["images/mask"]
+        elif self._rgb.shape[1:3] != (h, w):
+            self._image_datasets(h, w)  # raises with the size the store holds
+        end = self.image_start + self.n_images + b
+        if self._rgb.shape[0] < end:  # grow in steps: each resize touches HDF5 metadata
+            for ds in (self._rgb, self._mask):
+                ds.resize(end + 64, axis=0)
         # Per-image writes: one chunk each, so the filter pipeline runs once per chunk.
+        first = self.image_start + self.n_images
         for i in range(b):
-            im["rgb"][start + i] = rgb[i]
+            self._rgb[first + i] = rgb[i]
             if mask is not None:
-                im["mask"][start + i] = mask[i]
-        im["timestep"][start:] = np.asarray(timesteps, np.int64)
-        im["camera"][start:] = camera
-        im["has_mask"][start:] = mask is not None
+                self._mask[first + i] = mask[i]
+        self._image_timestep.extend(int(t) for t in timesteps)
+        self._image_camera.extend([camera] * b)
+        self._image_has_mask.extend([mask is not None] * b)
         self.n_images += b
 
     def _commit(self) -> None:
         f = self.f
+        if self.n_images:
+            end = self.image_start + self.n_images
+            for ds in (self._rgb, self._mask):
+                ds.resize(end, axis=0)
+            im = f["images"]
+            _append(im["timestep"], np.asarray(self._image_timestep, np.int64))
+            _append(im["camera"], np.asarray(self._image_camera, np.int32))
+            _append(im["has_mask"], np.asarray(self._image_has_mask, bool))
         s = f["sequences"]
         for name, value in (
             ("name", np.array([self.name], dtype=object)),

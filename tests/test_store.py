@@ -103,7 +103,7 @@ def test_crash_mid_sequence_then_resume(tmp_path):
     with StoreWriter(path) as w:  # a new run truncates the leftovers and appends
         assert not w.has_sequence("422", "B")
         with w.sequence("422", "B", False, "mem") as sw:
-            rows = sw.add_timesteps(np.arange(2), np.ones((2, 8)), np.zeros((2, 6)),
+            sw.add_timesteps(np.arange(2), np.ones((2, 8)), np.zeros((2, 6)),
                                     np.ones(2), "test")
     with Store(path) as s:
         assert s.identities == ["388", "422"] and len(s.timesteps) == 7

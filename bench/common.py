@@ -1,0 +1,47 @@
+"""Shared pieces of the benchmarks: scratch data, timing, markdown tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SCRATCH = Path(os.environ.get("RAF_BENCH_DIR", "/tmp/raf-bench"))
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """(seconds, result) of one call."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}")
+
+
+def synth_dataset(name: str, **overrides) -> Path:
+    """A synthetic NeRSemble-layout dataset under SCRATCH, made once and reused."""
+    from rafdata.synth import SynthConfig, write_dataset
+
+    out = SCRATCH / name
+    if (out / "synth.json").is_file():
+        return out
+    cfg = SynthConfig(**overrides)
+    write_dataset(out, cfg)
+    return out

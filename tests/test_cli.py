@@ -1,0 +1,96 @@
+"""The command line: thin wrappers that print one-line errors and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from cli.rafdata import main as rafdata
+from cli.rafmodel import main as rafmodel
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_inspect_json_and_verify(runner, bfm_store):
+    res = runner.invoke(rafdata, ["inspect", str(bfm_store), "--json", "--verify"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["timesteps"] == 24 and info["images"] == 48 and info["exp_space"] == "bfm09"
+    assert info["verify"]["ok"] and info["verify"]["chunks_read"] > 48
+    assert [i["name"] for i in info["identities"]] == ["388", "422", "443"]
+    assert sum(s["held_out"] for s in info["sequences"]) == 3
+
+
+def test_inspect_tables(runner, bfm_store):
+    res = runner.invoke(rafdata, ["inspect", str(bfm_store)])
+    assert res.exit_code == 0
+    assert "bfm09 (64 dims)" in res.output and "held out" in res.output and "48 x 64" in res.output
+
+
+def test_verify_failure_exits_one(runner, bfm_store, tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(bfm_store.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        f["images/timestep"][0] = 10_000
+    res = runner.invoke(rafdata, ["inspect", str(bad), "--verify", "--quiet"])
+    assert res.exit_code == 1
+    assert "out of range" in res.output
+
+
+def test_ingest_then_resume_via_cli(runner, synth_bfm, tmp_path):
+    out = tmp_path / "cli.h5"
+    args = ["ingest", str(synth_bfm), "-o", str(out), "--participants", "388,422",
+            "--sequences", "FREE", "--size", "24", "32", "--quiet"]
+    assert runner.invoke(rafdata, args).exit_code == 0
+    res = runner.invoke(rafdata, args[:-1])
+    assert res.exit_code == 0 and "wrote 0 sequences" in res.output and "2 already" in res.output
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.rafdata", *args], capture_output=True,
+                          text=True)
+
+
+def test_user_errors_are_one_line_without_traceback(synth_copy, tmp_path):
+    (synth_copy / "388" / "calibration" / "camera_params.json").unlink()
+    proc = _run("ingest", str(synth_copy), "-o", str(tmp_path / "o.h5"), "--quiet")
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "camera_params.json" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+    proc = _run("inspect", str(tmp_path / "missing.h5"))
+    assert proc.returncode == 2 and "no such store file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    proc = _run("ingest", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.h5"))
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_synth_command_writes_layout(runner, tmp_path):
+    out = tmp_path / "s"
+    res = runner.invoke(rafdata, ["synth", str(out), "--participants", "017", "--sequences",
+                                  "FREE", "--cameras", "222200037", "--frames", "2", "--width",
+                                  "32", "--height", "48", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (out / "017" / "sequences" / "FREE" / "images" / "cam_222200037.mp4").is_file()
+    assert (out / "017" / "calibration" / "camera_params.json").is_file()
+    res = runner.invoke(rafdata, ["synth", str(tmp_path / "t"), "--width", "33"])
+    assert res.exit_code == 2 and "even" in res.output
+
+
+def test_rafmodel_env(runner):
+    res = runner.invoke(rafmodel, ["env", "--json"])
+    assert res.exit_code == 0
+    info = json.loads(res.stdout)
+    assert info["renderer"] in ("torch", "gsplat") and info["device"] in ("cpu", "cuda")
+    if not info["cuda_available"]:
+        assert runner.invoke(rafmodel, ["env", "--device", "cuda"]).exit_code == 2
