@@ -260,7 +260,8 @@ def _write_images(sw, seq, cams, frames, rows, cfg, progress) -> int:
     written = 0
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         for cam, q in zip(cams, queues, strict=True):
-            pool.submit(_produce, seq, cam, frames, transform, cfg.color_correct, q, stop)
+            pool.submit(_produce, seq, cam, frames, transform, cfg.color_correct, sw.w.codec,
+                        q, stop)
         try:
             for cam, q in zip(cams, queues, strict=True):
                 cam_row = None
@@ -287,18 +288,22 @@ def _write_images(sw, seq, cams, frames, rows, cfg, progress) -> int:
 
 
 def _flush(sw, batch, cam_row) -> int:
-    rgb = np.stack([b[1] for b in batch])
+    """Hand a batch of (timestep row, encoded rgb, encoded mask or None) to the writer."""
     masks = [b[2] for b in batch]
-    mask = None if any(m is None for m in masks) else np.stack(masks)
-    sw.add_images(rgb, mask, [b[0] for b in batch], cam_row)
+    sw.add_images([b[1] for b in batch], None if any(m is None for m in masks) else masks,
+                  [b[0] for b in batch], cam_row)
     return len(batch)
 
 
 _DONE = object()
 
 
-def _produce(seq, cam, frames, transform, correct, q, stop) -> None:
-    """Decode one camera into its queue: (rgb, mask, (src_w, src_h)) items, then _DONE."""
+def _produce(seq, cam, frames, transform, correct, codec, q, stop) -> None:
+    """Decode, transform and encode one camera into its queue, then put _DONE.
+
+    Items are (encoded rgb, encoded mask or None, (src_w, src_h)). Compression happens here,
+    in parallel threads, so the single writer thread only copies chunk bytes.
+    """
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -315,8 +320,8 @@ def _produce(seq, cam, frames, transform, correct, q, stop) -> None:
             rgb = frame.rgb
             if correct and cam.color is not None:
                 rgb = color_correct(rgb, cam.color)
-            rgb = transform.apply(rgb)
-            mask = None if frame.mask is None else transform.apply(frame.mask)
+            rgb = codec.encode(transform.apply(rgb))
+            mask = None if frame.mask is None else codec.encode(transform.apply(frame.mask))
             if not put((rgb, mask, (w, h))):
                 return
         put(_DONE)

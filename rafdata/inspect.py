@@ -7,6 +7,7 @@ invariant of the store contract (docs/store.md); it returns the violations found
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,19 +127,51 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyResult:
     f = store.h5()
     problems = result.problems
 
-    # 1. every byte readable and matching its checksum
-    datasets = list(_datasets(f))
-    total = sum(_n_chunks(ds) for _, ds in datasets)
+    # 1. every byte readable and matching its checksum: Fletcher32 on tables (HDF5 checks it
+    # on read), CRC-32 of the content on images
+    datasets = [(n, ds) for n, ds in _datasets(f) if n not in ("images/rgb", "images/mask")]
+    total = sum(_n_chunks(ds) for _, ds in datasets) + store.n_images
     progress.start("reading chunks", total)
     for name, ds in datasets:
         try:
             result.chunks_read += _read_all(ds, progress)
         except OSError as err:
             problems.append(f"/{name}: unreadable or checksum mismatch ({err})")
+    result.chunks_read += _check_images(store, problems, progress)
 
     # 2. the contract
     problems.extend(check_invariants(store))
     return result
+
+
+def _check_images(store: Store, problems: list[str], progress: Progress) -> int:
+    """Decompress every image (and mask) chunk and compare its CRC-32 with the stored one."""
+    if not store.n_images:
+        return 0
+    im = store.h5()["images"]
+    crc, mask_crc = im["crc"][: store.n_images], im["mask_crc"][: store.n_images]
+    bad: list[int] = []
+    unreadable: list[int] = []
+    read = 0
+    for i in range(store.n_images):
+        try:
+            ok = zlib.crc32(im["rgb"][i]) == crc[i]
+            read += 1
+            if store.image_has_mask[i]:
+                ok &= zlib.crc32(im["mask"][i]) == mask_crc[i]
+                read += 1
+        except OSError:
+            unreadable.append(i)
+            ok = True
+        if not ok:
+            bad.append(i)
+        progress.advance()
+    if unreadable:
+        problems.append(f"/images: {len(unreadable)} images cannot be decompressed "
+                        f"(first at row {unreadable[0]})")
+    if bad:
+        problems.append(f"/images: {len(bad)} images fail their CRC-32 (first at row {bad[0]})")
+    return read
 
 
 def _n_chunks(ds: h5py.Dataset) -> int:

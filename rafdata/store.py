@@ -19,6 +19,7 @@ exists only for complete sequences, which makes "is this sequence done?" a looku
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,23 +72,27 @@ _IMAGE_COLUMNS = {
     "timestep": np.int64,
     "camera": np.int32,
     "has_mask": np.bool_,
+    "crc": np.uint32,  # CRC-32 of the raw rgb bytes (see ImageCodec)
+    "mask_crc": np.uint32,  # CRC-32 of the raw mask bytes; 0 without a mask
 }
 
 COMPRESSIONS = ("blosc-lz4", "blosc-zstd", "gzip", "lzf", "none")
 DEFAULT_COMPRESSION = "blosc-lz4"  # chosen by bench/bench_store.py, see docs/benchmarks.md
+_BLOSC = {"blosc-lz4": ("lz4", 5), "blosc-zstd": ("zstd", 3)}
 
 
-def compression_options(name: str) -> dict[str, Any]:
-    """``create_dataset`` keywords for a lossless image codec (always with a checksum).
+def compression_options(name: str, checksum: bool = True) -> dict[str, Any]:
+    """``create_dataset`` keywords for a lossless codec.
 
-    Fletcher32 checksums let ``rafdata inspect --verify`` detect any damaged chunk.
+    ``checksum`` adds HDF5's Fletcher32 filter (tables). Image datasets go without it: their
+    chunks are compressed outside HDF5 and written directly, and carry a CRC-32 of the raw
+    content in /images/crc instead, which ``rafdata inspect --verify`` checks.
     """
-    if name == "blosc-lz4":
+    if name in _BLOSC:
+        cname, level = _BLOSC[name]
         opts: dict[str, Any] = dict(
-            hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+            hdf5plugin.Blosc(cname=cname, clevel=level, shuffle=hdf5plugin.Blosc.SHUFFLE)
         )
-    elif name == "blosc-zstd":
-        opts = dict(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.SHUFFLE))
     elif name == "gzip":
         opts = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
     elif name == "lzf":
@@ -96,8 +101,56 @@ def compression_options(name: str) -> dict[str, Any]:
         opts = {}
     else:
         raise ValueError(f"unknown compression {name!r}; choose from {', '.join(COMPRESSIONS)}")
-    opts["fletcher32"] = True
+    if checksum:
+        opts["fletcher32"] = True
     return opts
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image ready for the writer: its chunk bytes (Blosc codecs) or the array itself.
+
+    shape: the image shape. crc: CRC-32 of the raw bytes. payload: the compressed chunk exactly
+    as the HDF5 Blosc filter would write it, or None when HDF5 compresses (gzip, lzf, none).
+    """
+
+    shape: tuple[int, ...]
+    crc: int
+    payload: bytes | None
+    array: np.ndarray | None
+
+
+class ImageCodec:
+    """Compresses images off the writer thread.
+
+    The HDF5 Blosc filter stores exactly what ``blosc_compress`` returns, so python-blosc can
+    produce the chunk in a decoding thread (it releases the GIL) and the writer only copies
+    bytes with ``write_direct_chunk``; HDF5 decompresses them on read as usual.
+    """
+
+    def __init__(self, name: str = DEFAULT_COMPRESSION):
+        compression_options(name)  # validates the name
+        self.name = name
+        self.direct = name in _BLOSC
+        if self.direct:
+            import blosc
+
+            # Parallelism comes from encoding several images at once in decoding threads;
+            # blosc's own thread pool would only oversubscribe the cores.
+            blosc.set_nthreads(1)
+
+    def encode(self, image: np.ndarray) -> EncodedImage:
+        """Checksum and (for Blosc codecs) compress one uint8 image; thread-safe."""
+        data = np.ascontiguousarray(image, dtype=np.uint8)
+        crc = zlib.crc32(data)
+        if not self.direct:
+            return EncodedImage(data.shape, crc, None, data)
+        import blosc
+
+        cname, level = _BLOSC[self.name]
+        payload = blosc.compress(data, typesize=1, clevel=level, shuffle=blosc.SHUFFLE,
+                                 cname=cname)
+        return EncodedImage(data.shape, crc, payload, None)
 
 
 def check_format(f: h5py.File, path: Path) -> None:
@@ -233,6 +286,7 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._file: h5py.File | None = None
+        self._image_ds: tuple[h5py.Dataset, h5py.Dataset] | None = None
         self._load()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -245,6 +299,7 @@ class Store:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._image_ds = None
 
     def __enter__(self) -> Store:
         return self
@@ -255,9 +310,17 @@ class Store:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_file"] = None  # h5py objects do not pickle; each process reopens
+        state["_image_ds"] = None
         return state
 
     def _load(self) -> None:
+        try:
+            self._load_tables()
+        except OSError as err:  # a checksum or decompression failure in a table chunk
+            raise StoreError(self.path, f"damaged table data ({err}); run `rafdata inspect "
+                             "--verify` on a copy to locate it") from None
+
+    def _load_tables(self) -> None:
         f = self._h5()
         check_format(f, self.path)
         for group in TABLES:
@@ -310,6 +373,7 @@ class Store:
         self.image_timestep = im["timestep"][:n]
         self.image_camera = im["camera"][:n]
         self.image_has_mask = im["has_mask"][:n]
+        self._blosc = str(im.attrs.get("compression", "")) in _BLOSC
         self.image_size: tuple[int, int] | None = (
             (int(im["rgb"].shape[1]), int(im["rgb"].shape[2])) if "rgb" in im else None
         )  # (H, W)
@@ -377,17 +441,37 @@ class Store:
         return np.flatnonzero(keep)
 
     # -- images ----------------------------------------------------------------------------
+    def _images(self) -> tuple[h5py.Dataset, h5py.Dataset]:
+        # Looking a dataset up by path costs more than reading a small chunk: keep handles.
+        if self._image_ds is None or self._file is None:
+            im = self._h5()["images"]
+            self._image_ds = (im["rgb"], im["mask"])
+        return self._image_ds
+
     def read_rgb(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8 image ``index``."""
         self._check_image_index(index)
-        return self._h5()["images/rgb"][index]
+        return self._read_chunk(self._images()[0], index)
+
+    def _read_chunk(self, ds: h5py.Dataset, index: int) -> np.ndarray:
+        """One image chunk. Blosc chunks are fetched raw and decompressed here: skipping the
+        HDF5 filter pipeline makes random single-image reads markedly faster."""
+        if self._blosc:
+            mask, payload = ds.id.read_direct_chunk((index,) + (0,) * (ds.ndim - 1))
+            if mask == 0:  # the Blosc filter ran on this chunk
+                import blosc
+
+                out = np.empty(ds.shape[1:], np.uint8)
+                blosc.decompress_ptr(payload, out.ctypes.data)
+                return out
+        return ds[index]
 
     def read_mask(self, index: int) -> np.ndarray | None:
         """(H, W) uint8 matte of image ``index`` or None when the source had none."""
         self._check_image_index(index)
         if not self.image_has_mask[index]:
             return None
-        return self._h5()["images/mask"][index]
+        return self._read_chunk(self._images()[1], index)
 
     def image(self, index: int) -> ImageSample:
         """Image ``index`` with its camera and timestep row."""
@@ -443,7 +527,7 @@ class StoreWriter:
     def __init__(self, path: str | Path, compression: str = DEFAULT_COMPRESSION):
         self.path = Path(path)
         self.compression = compression
-        compression_options(compression)  # validate early
+        self.codec = ImageCodec(compression)  # validates the name early
         if self.path.exists():
             probe = _open_h5(self.path, "r")
             try:
@@ -456,6 +540,10 @@ class StoreWriter:
             self.f = _open_h5(self.path, "w-")
             self._create_schema()
         self._recover()
+        stored = self.f["images"].attrs.get("compression")
+        if stored and stored != compression:  # chunks must match the dataset's filter
+            self.compression = str(stored)
+            self.codec = ImageCodec(self.compression)
 
     # -- schema ----------------------------------------------------------------------------
     def _create_schema(self) -> None:
@@ -471,12 +559,13 @@ class StoreWriter:
             for name, (dtype, shape, chunk) in cols.items():
                 g.create_dataset(
                     name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                    chunks=(chunk, *shape),
+                    chunks=(chunk, *shape), fletcher32=dtype is not _STR,
                 )
         g = f.create_group("images")
         g.attrs["rows"] = 0
         for name, dtype in _IMAGE_COLUMNS.items():
-            g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(65536,))
+            g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(65536,),
+                             fletcher32=True)
         f.flush()
 
     def _recover(self) -> None:
@@ -568,6 +657,16 @@ def _append(ds: h5py.Dataset, values: np.ndarray) -> int:
     return start
 
 
+def _write_chunk(ds: h5py.Dataset, row: int, image: EncodedImage) -> None:
+    """Write one image as chunk ``row``: raw bytes when pre-compressed, else through HDF5."""
+    if image.shape != ds.shape[1:]:
+        raise ValueError(f"image shape {image.shape} does not match {ds.shape[1:]}")
+    if image.payload is not None:
+        ds.id.write_direct_chunk((row,) + (0,) * (ds.ndim - 1), image.payload, 0)
+    else:
+        ds[row] = image.array
+
+
 class SequenceWriter:
     """Rows of one sequence being written; see :meth:`StoreWriter.sequence`."""
 
@@ -593,6 +692,8 @@ class SequenceWriter:
         self._image_timestep: list[int] = []
         self._image_camera: list[int] = []
         self._image_has_mask: list[bool] = []
+        self._image_crc: list[int] = []
+        self._image_mask_crc: list[int] = []
 
     def add_timesteps(
         self,
@@ -615,7 +716,7 @@ class SequenceWriter:
                 del t["exp"]
             if "exp" not in t:
                 t.create_dataset("exp", shape=(0, dim), maxshape=(None, dim), dtype=np.float32,
-                                 chunks=(max(1, 65536 // dim), dim))
+                                 chunks=(max(1, 65536 // dim), dim), fletcher32=True)
             self.w.exp_space, self.w.exp_dim = exp_space, dim
         self.w.check_exp_space(exp_space, dim, Path(self.source))
         n = len(frames)
@@ -664,7 +765,7 @@ class SequenceWriter:
                     f"--size {w} {h} to resize on ingest",
                 )
             return
-        opts = compression_options(self.w.compression)
+        opts = compression_options(self.w.compression, checksum=False)
         im.create_dataset("rgb", shape=(0, height, width, 3), maxshape=(None, height, width, 3),
                           dtype=np.uint8, chunks=(1, height, width, 3), **opts)
         im.create_dataset("mask", shape=(0, height, width), maxshape=(None, height, width),
@@ -673,32 +774,40 @@ class SequenceWriter:
 
     def add_images(
         self,
-        rgb: np.ndarray,
-        mask: np.ndarray | None,
+        rgb: np.ndarray | Sequence[EncodedImage],
+        mask: np.ndarray | Sequence[EncodedImage] | None,
         timesteps: Sequence[int] | np.ndarray,
         camera: int,
     ) -> None:
-        """Append a batch of images of one camera: rgb (B,H,W,3) uint8, mask (B,H,W) or None."""
-        rgb = np.asarray(rgb, np.uint8)
-        b, h, w = rgb.shape[:3]
-        if self._rgb is None:
-            self._image_datasets(h, w)
+        """Append a batch of B images of one camera.
+
+        rgb: (B,H,W,3) uint8 or B EncodedImages from ``self.codec``; mask: (B,H,W) uint8, B
+        EncodedImages, or None where the source has no matte.
+        """
+        codec = self.w.codec
+        if isinstance(rgb, np.ndarray):
+            rgb = [codec.encode(im) for im in rgb]
+        if isinstance(mask, np.ndarray):
+            mask = [codec.encode(m) for m in mask]
+        b = len(rgb)
+        h, w = rgb[0].shape[:2]
+        if self._rgb is None or self._rgb.shape[1:3] != (h, w):
+            self._image_datasets(h, w)  # creates them, or raises on a size mismatch
             self._rgb, self._mask = self.f["images/rgb"], self.f["images/mask"]
-        elif self._rgb.shape[1:3] != (h, w):
-            self._image_datasets(h, w)  # raises with the size the store holds
         end = self.image_start + self.n_images + b
         if self._rgb.shape[0] < end:  # grow in steps: each resize touches HDF5 metadata
             for ds in (self._rgb, self._mask):
                 ds.resize(end + 64, axis=0)
-        # Per-image writes: one chunk each, so the filter pipeline runs once per chunk.
         first = self.image_start + self.n_images
-        for i in range(b):
-            self._rgb[first + i] = rgb[i]
+        for i in range(b):  # one chunk per image
+            _write_chunk(self._rgb, first + i, rgb[i])
             if mask is not None:
-                self._mask[first + i] = mask[i]
+                _write_chunk(self._mask, first + i, mask[i])
         self._image_timestep.extend(int(t) for t in timesteps)
         self._image_camera.extend([camera] * b)
         self._image_has_mask.extend([mask is not None] * b)
+        self._image_crc.extend(e.crc for e in rgb)
+        self._image_mask_crc.extend([e.crc for e in mask] if mask is not None else [0] * b)
         self.n_images += b
 
     def _commit(self) -> None:
@@ -711,6 +820,8 @@ class SequenceWriter:
             _append(im["timestep"], np.asarray(self._image_timestep, np.int64))
             _append(im["camera"], np.asarray(self._image_camera, np.int32))
             _append(im["has_mask"], np.asarray(self._image_has_mask, bool))
+            _append(im["crc"], np.asarray(self._image_crc, np.uint32))
+            _append(im["mask_crc"], np.asarray(self._image_mask_crc, np.uint32))
         s = f["sequences"]
         for name, value in (
             ("name", np.array([self.name], dtype=object)),

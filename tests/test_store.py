@@ -176,7 +176,22 @@ def test_verify_detects_damaged_chunk(tmp_path):
     path.write_bytes(bytes(data))
     with Store(path) as s:
         res = verify(s)
-    assert not res.ok and any("images/rgb" in p for p in res.problems)
+    assert not res.ok and any("CRC-32 (first at row 3)" in p for p in res.problems)
+
+
+def test_verify_detects_damaged_table(tmp_path):
+    """Table chunks carry Fletcher32: flipped bytes in /timesteps/exp are reported."""
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",), t=50, d=64)
+    with Store(path) as s:
+        offset = s.h5()["timesteps/exp"].id.get_chunk_info(0).byte_offset
+    data = bytearray(path.read_bytes())
+    data[offset + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged table data"):
+        Store(path)
+    with h5py.File(path, "r") as f, pytest.raises(OSError):
+        f["timesteps/exp"][:]  # HDF5 itself refuses the chunk: the checksum works
 
 
 def test_invariants_catch_bad_rows(tmp_path):
