@@ -22,7 +22,10 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(VENV)/bin/rafdata synth $(DEMO)/nersemble
 	$(VENV)/bin/rafdata ingest $(DEMO)/nersemble -o $(DEMO)/store.h5
+	$(VENV)/bin/rafdata build-bank $(DEMO)/store.h5 --frames-per-id 200
 	$(VENV)/bin/rafdata inspect $(DEMO)/store.h5 --verify
+	$(VENV)/bin/rafdata coverage $(DEMO)/store.h5 --all --json $(DEMO)/coverage.json
+	$(VENV)/bin/rafdata plot-bank $(DEMO)/store.h5 -o $(DEMO)/bank.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

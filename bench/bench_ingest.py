@@ -36,14 +36,57 @@ print(json.dumps({{"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
                   "images": r.images, "seconds": r.seconds}}))
 """
 
+_RSS_TRACE = """
+import json, sys
+sys.path.insert(0, {root!r})
+from rafdata.ingest import IngestConfig, ingest
+from rafdata.progress import NullProgress
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS"))
+
+class Trace(NullProgress):
+    # samples resident memory as images are written
+    def __init__(self):
+        super().__init__()
+        self.done, self.samples = 0, []
+    def advance(self, n=1):
+        self.done += n
+        self.samples.append((self.done, rss_mb()))
+
+trace, total = Trace(), 0
+for rep in range({passes}):
+    out = {out!r} + f".{{rep}}.h5"
+    r = ingest({src!r}, out, IngestConfig(workers=2), trace)
+    total += r.images
+print(json.dumps({{"samples": trace.samples, "images": total}}))
+"""
+
 
 def _ingest_subprocess(src, out, workers: int, pids=None) -> dict:
     if out.exists():
         out.unlink()
     code = _PEAK.format(root=str(ROOT), src=str(src), out=str(out), workers=workers, pids=pids)
+    return _run_json(code)
+
+
+def _run_json(code: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rss_trace(src, work, passes: int = 3) -> list[list[str]]:
+    """Resident memory while the same dataset is ingested ``passes`` times in one process."""
+    res = _run_json(_RSS_TRACE.format(root=str(ROOT), src=str(src), out=str(work / "trace"),
+                                      passes=passes))
+    samples, total = res["samples"], res["images"]
+    rows = []
+    for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
+        upto = [mb for done, mb in samples if done <= frac * total] or [samples[0][1]]
+        rows.append([f"{int(frac * total)}", f"{max(upto):.0f}"])
+    return rows
 
 
 def run(quick: bool = False) -> str:
@@ -61,7 +104,6 @@ def run(quick: bool = False) -> str:
     t_dec, n_dec = timed(lambda: _decode_alone(src))
     one = _ingest_subprocess(src, work / "w1.h5", workers=1)
     two = _ingest_subprocess(src, work / "w2.h5", workers=2)
-    half = _ingest_subprocess(src, work / "half.h5", workers=2, pids=("388",))
     n_img = one["images"]
     rows = [
         ["decord alone, 1 thread (colour + alpha videos)", f"{n_dec}", f"{t_dec:.2f}",
@@ -71,19 +113,18 @@ def run(quick: bool = False) -> str:
         ["ingest, --workers 2", f"{n_img}", f"{two['seconds']:.2f}",
          f"{n_img / two['seconds']:.0f}", f"{two['seconds'] / t_dec:.2f}"],
     ]
-    mem = [
-        ["1 participant", half["images"], f"{half['rss_mb']:.0f}"],
-        ["2 participants", two["images"], f"{two['rss_mb']:.0f}"],
-    ]
+    mem = _rss_trace(src, work)
     return "\n\n".join([
         "## Ingest",
         f"Synthetic NeRSemble layout, {size}x{size} H.264 colour + alpha-map videos, "
         f"{n_img} images (each image = one colour and one alpha frame). Time relative to "
         "decoding the same videos with decord alone, measured in the same run.",
         table(["run", "images", "seconds", "images/s", "time vs decode"], rows),
-        "Peak resident memory of the whole ingest process (Python, torch-free imports, "
-        "HDF5): it must not grow with the number of sequences.",
-        table(["ingest of", "images", "peak RSS (MiB)"], mem),
+        "Resident memory of one process that ingests the same dataset three times into "
+        "fresh stores (12 sequences), as images are written: after the first sequences warm "
+        "up decoder and allocator pools it stays flat, i.e. it is bounded by a few frames per "
+        "decoding thread, not by the dataset.",
+        table(["images written", "peak RSS so far (MiB)"], mem),
     ])
 
 

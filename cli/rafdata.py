@@ -220,5 +220,14 @@ def _human(n: int) -> str:
     return str(n)
 
 
+# Commands that live in their own modules (one module per area of the toolkit).
+from cli.rafdata_bank import build_bank  # noqa: E402
+from cli.rafdata_coverage import coverage, plot_bank  # noqa: E402
+
+main.add_command(build_bank)
+main.add_command(coverage)
+main.add_command(plot_bank)
+
+
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from rafdata.bank import bank_names
 from rafdata.errors import StoreError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import TABLES, Store
@@ -66,7 +67,8 @@ def summarize(store: Store) -> dict[str, Any]:
         img_stored, img_raw = _storage(f["images/rgb"])
     banks = []
     if "banks" in f:
-        for name, g in f["banks"].items():
+        for name in bank_names(store):
+            g = f["banks"][name]
             info = {k: _plain(v) for k, v in g.attrs.items()}
             info["name"] = name
             if "members" in g:
@@ -273,7 +275,8 @@ def _check_banks(store: Store) -> list[str]:
         return out
     ts, T = store.timesteps, len(store.timesteps)
     held = store.sequences.held_out[ts.sequence] if T else np.zeros(0, bool)
-    for name, g in f["banks"].items():
+    for name in bank_names(store):
+        g = f["banks"][name]
         where = f"/banks/{name}"
         if "members" not in g:
             out.append(f"{where}: no members")

@@ -1,0 +1,816 @@
+"""Expression banks: sampled members, an HNSW index and cross-identity neighbour tables.
+
+RAF swaps a training frame's expression vector ``e_t`` for its nearest neighbour among bank
+vectors of *another* identity. This module builds that bank and the neighbour table of every
+timestep of a store, so the trainer only reads rows.
+
+Two layers:
+
+- **Core on numpy arrays** (used by the store layer, the benchmarks and tests):
+  :func:`select_identities`, :func:`sample_members`, :func:`build_index`,
+  :func:`search_excluding` (HNSW with identity exclusion), :func:`exact_search` (blocked brute
+  force, same exclusion), :func:`recall`, :func:`serialize_index` / :func:`deserialize_index`.
+- **Store layer**: :func:`build_bank` samples members from ``/timesteps``, builds, queries every
+  timestep, measures recall against exact search and replaces ``/banks/{name}`` atomically;
+  :class:`Bank` loads a bank back for new queries.
+
+Store layout written (docs/store.md, "Banks")::
+
+    /banks/{name}/members          (B,) int64 rows of /timesteps
+    /banks/{name}/hnsw             (bytes,) uint8: hnswlib's save_index file (absent if exact)
+    /banks/{name}/neighbors/index  (T, K) int64 rows of /timesteps, never the same identity
+    /banks/{name}/neighbors/dist   (T, K) float32 Euclidean (not squared), ascending
+
+Identity exclusion (see the hnswlib field notes in DESIGN.md): a Python ``filter`` callback is
+~15x slower, so we query ``k + margin`` unfiltered, drop same-identity hits, re-query only the
+rows left short with a growing k (up to ``same-identity members + k``, which guarantees K
+others), and use exact search for any row still short. This holds however many members the
+query's own identity owns.
+
+Determinism: members come from seeded per-identity generators; the index is built with one
+thread, a fixed ``random_seed`` and a fixed insertion order (multi-threaded hnswlib builds are
+not reproducible). Queries may use several threads: each query is independent of the others.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  (the store's image filters must be registered in every process)
+import hnswlib
+import numpy as np
+import torch
+
+from rafdata.errors import StoreError
+from rafdata.progress import NullProgress, Progress
+from rafdata.store import Store, check_format, identity_matches
+
+BANKS_GROUP = "banks"
+TMP_PREFIX = ".tmp-"  # groups of an unfinished build; readers ignore them, builds remove them
+METRIC = "l2"
+
+# Rows handled per hnswlib call: large enough to keep both threads busy, small enough for a
+# responsive progress bar and bounded (rows x k) temporaries.
+_QUERY_CHUNK = 16384
+# Points inserted per add_items call during the (single-threaded) build; only for progress.
+_BUILD_CHUNK = 4096
+
+
+def default_threads() -> int:
+    """CPU cores this process may use (respects affinity masks and container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """How to build one bank.
+
+    Defaults were chosen with bench/bench_bank.py (docs/benchmarks.md) on clustered synthetic
+    vectors: ef_construction=200 (100 lost ~2% recall at 300k vectors) and ef=256 (64 gave
+    recall@8 0.985 at the paper's 83k x 64 and 0.96 at 300k; 256 gives 0.997-1.0), with a
+    single-thread (deterministic) build of ~6 s for 83k vectors.
+    """
+
+    name: str = "full"
+    frames_per_id: int = 200  # members drawn per identity (all of them where fewer)
+    seed: int = 0  # member sampling, HNSW random_seed and the recall sample
+    k: int = 8  # neighbours per timestep (top-1 and top-5 sampling both fit)
+    M: int = 16  # HNSW graph degree
+    ef_construction: int = 200
+    ef: int = 256  # search beam; hnswlib uses max(ef, k_query)
+    threads: int = field(default_factory=default_threads)  # query threads (build uses one)
+    identities: tuple[str, ...] | None = None  # restrict to these ids ("17" matches "017")
+    identity_fraction: float | None = None  # or: a seeded share of the identities ...
+    subset_seed: int = 0  # ... permuted with this seed ...
+    subset_part: int = 0  # ... taking this block (0, 1, ...: disjoint blocks of the permutation)
+    exact: bool = False  # blocked brute force instead of HNSW (recall 1 by construction)
+    recall_sample: int = 1000  # queries compared with exact search (all when fewer)
+    force: bool = False  # replace an existing bank of this name
+
+
+# ---------------------------------------------------------------------------------------------
+# Core: numpy arrays in, numpy arrays out
+
+
+def select_identities(
+    names: Sequence[str],
+    *,
+    identities: Sequence[str] | None = None,
+    fraction: float | None = None,
+    subset_seed: int = 0,
+    part: int = 0,
+    candidates: np.ndarray | None = None,
+    path: str | Path | None = None,
+) -> np.ndarray:
+    """Rows of ``names`` (the store's identities) that a bank draws from, ascending.
+
+    ``identities``: explicit names (numeric ids compare as integers); an unknown one is a
+    StoreError. ``fraction``: permute ``candidates`` (default: all rows) with ``subset_seed`` and
+    cut the permutation into consecutive blocks of ``round(fraction * n)`` identities; ``part``
+    picks the block, so parts 0 and 1 of ``fraction=0.5`` are disjoint halves.
+    """
+    cand = np.arange(len(names)) if candidates is None else np.asarray(candidates, np.int64)
+    if identities is not None and fraction is not None:
+        raise StoreError(path, "give either an identity list or an identity fraction, not both")
+    if identities is not None:
+        rows = []
+        for q in identities:
+            hit = [i for i, n in enumerate(names) if identity_matches(n, str(q))]
+            if not hit:
+                raise StoreError(
+                    path,
+                    f"identity {q!r} is not in the store (has: {', '.join(names) or 'none'})",
+                )
+            rows.extend(hit)
+        return np.unique(np.asarray(rows, np.int64))
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise StoreError(path, f"identity fraction must be in (0, 1], got {fraction}")
+        size = max(1, round(fraction * len(cand)))
+        blocks = len(cand) // size
+        if not 0 <= part < max(blocks, 1):
+            raise StoreError(
+                path,
+                f"subset part {part} does not exist: fraction {fraction} of {len(cand)} "
+                f"identities gives parts 0..{max(blocks, 1) - 1}",
+            )
+        perm = np.random.default_rng(subset_seed).permutation(cand)
+        return np.sort(perm[part * size : (part + 1) * size])
+    return np.sort(cand)
+
+
+def sample_members(
+    identity: np.ndarray,
+    eligible: np.ndarray,
+    identity_rows: np.ndarray,
+    frames_per_id: int,
+    seed: int,
+) -> np.ndarray:
+    """Timestep rows of the bank, ascending, shape (B,) int64.
+
+    identity: (T,) identity row per timestep. eligible: (T,) bool (False for held-out
+    sequences). For every identity in ``identity_rows`` draw ``frames_per_id`` eligible
+    timesteps without replacement (all of them where fewer). Each identity has its own
+    generator seeded by ``(seed, identity row)``, so an identity gets the same members in the
+    full bank and in a subset bank.
+    """
+    if frames_per_id <= 0:
+        raise ValueError(f"frames_per_id must be positive, got {frames_per_id}")
+    identity = np.asarray(identity)
+    eligible = np.asarray(eligible, bool)
+    order = np.argsort(identity, kind="stable")  # group rows by identity once: O(T log T)
+    sorted_ids = identity[order]
+    out = []
+    for i in np.asarray(identity_rows, np.int64):
+        lo, hi = np.searchsorted(sorted_ids, [i, i + 1])
+        rows = order[lo:hi]
+        rows = np.sort(rows[eligible[rows]])
+        if len(rows) > frames_per_id:
+            rng = np.random.default_rng([int(seed), int(i)])
+            rows = np.sort(rng.choice(rows, frames_per_id, replace=False))
+        out.append(rows)
+    if not out:
+        return np.zeros(0, np.int64)
+    return np.sort(np.concatenate(out)).astype(np.int64)
+
+
+def build_index(
+    vectors: np.ndarray,
+    M: int = BankConfig.M,
+    ef_construction: int = BankConfig.ef_construction,
+    seed: int = 0,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> hnswlib.Index:
+    """An L2 HNSW index over ``vectors`` (B, D) float32; label i is row i.
+
+    ``threads=1`` (default) is deterministic: hnswlib's multi-threaded insertion order depends
+    on scheduling, so only single-thread builds reproduce bit for bit.
+    """
+    progress = progress or NullProgress()
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    n, dim = vectors.shape
+    index = hnswlib.Index(space=METRIC, dim=dim)
+    index.init_index(max_elements=max(n, 1), M=M, ef_construction=ef_construction,
+                     random_seed=seed)
+    progress.start("building index", n)
+    for a in range(0, n, _BUILD_CHUNK):
+        b = min(n, a + _BUILD_CHUNK)
+        index.add_items(vectors[a:b], np.arange(a, b), num_threads=threads)
+        progress.advance(b - a)
+    return index
+
+
+def serialize_index(index: hnswlib.Index) -> np.ndarray:
+    """hnswlib's own file format as a (bytes,) uint8 array, for an HDF5 dataset.
+
+    ``save_index`` does not keep ``ef``; the caller stores it beside the bytes.
+    """
+    with tempfile.TemporaryDirectory(prefix="rafdata-hnsw-") as tmp:
+        p = os.path.join(tmp, "index.bin")
+        index.save_index(p)
+        return np.fromfile(p, dtype=np.uint8)
+
+
+def deserialize_index(data: np.ndarray, dim: int, max_elements: int, ef: int) -> hnswlib.Index:
+    """Inverse of :func:`serialize_index`; ``ef`` is set on the loaded index."""
+    with tempfile.TemporaryDirectory(prefix="rafdata-hnsw-") as tmp:
+        p = os.path.join(tmp, "index.bin")
+        np.asarray(data, np.uint8).tofile(p)
+        index = hnswlib.Index(space=METRIC, dim=dim)
+        index.load_index(p, max_elements=max(max_elements, 1))
+    index.set_ef(ef)
+    return index
+
+
+@dataclass
+class SearchResult:
+    """Neighbours of Q queries in a bank of B vectors.
+
+    pos: (Q, k) int64 rows of the bank (not of /timesteps). dist: (Q, k) float32 Euclidean
+    (not squared), ascending per row. requeried: rows that needed a second HNSW query with a
+    larger k. exact_rows: rows answered by exact search because HNSW could not fill them.
+    """
+
+    pos: np.ndarray
+    dist: np.ndarray
+    requeried: int = 0
+    exact_rows: int = 0
+
+    @property
+    def fallback_rate(self) -> float:
+        """Share of rows that needed more than the first query."""
+        q = len(self.pos)
+        return (self.requeried + self.exact_rows) / q if q else 0.0
+
+
+def _first_k_valid(labels: np.ndarray, d2: np.ndarray, ok: np.ndarray, k: int):
+    """Per row, the first k columns where ``ok`` (results are already sorted by distance)."""
+    # Stable argsort of ~ok puts the valid columns first, in their original (ascending) order.
+    cols = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+    return (np.take_along_axis(labels, cols, axis=1),
+            np.take_along_axis(d2, cols, axis=1))
+
+
+def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    q = np.ascontiguousarray(queries, np.float32)
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"queries must have shape (Q, {dim}), got {q.shape}")
+    return q
+
+
+def search_excluding(
+    index: hnswlib.Index,
+    member_identity: np.ndarray,
+    queries: np.ndarray,
+    query_identity: np.ndarray | None,
+    k: int,
+    ef: int = BankConfig.ef,
+    threads: int | None = None,
+    bank_vectors: np.ndarray | None = None,
+    first_k: int | None = None,
+    progress: Progress | None = None,
+    label: str = "querying",
+) -> SearchResult:
+    """k nearest bank members of another identity for every query (HNSW, approximate).
+
+    index: built over the bank, label = bank row. member_identity: (B,) identity per bank row.
+    queries: (Q, D) float32. query_identity: (Q,) identity to exclude per query (-1 or None:
+    exclude nothing). ``first_k`` (default max(3k, ef)) is the first unfiltered k; short rows are
+    re-queried with a doubling k, capped at (same-identity members + k), which by pigeonhole
+    returns at least k others. Rows HNSW still cannot fill (hnswlib raises when the graph
+    yields fewer than k results) use exact search over ``bank_vectors``.
+
+    Raises ValueError when some query has fewer than k members of other identities.
+    """
+    progress = progress or NullProgress()
+    threads = threads or default_threads()
+    member_identity = np.asarray(member_identity, np.int64)
+    n_bank = len(member_identity)
+    queries = _check_queries(queries, index.dim)
+    n_q = len(queries)
+    qid = (np.full(n_q, -1, np.int64) if query_identity is None
+           else np.asarray(query_identity, np.int64))
+    # Members per identity, to know how far a short row may need to grow.
+    ids, counts = np.unique(member_identity, return_counts=True)
+    same = np.zeros(n_q, np.int64)
+    where = np.searchsorted(ids, qid).clip(0, max(len(ids) - 1, 0))
+    if len(ids):
+        hit = ids[where] == qid
+        same[hit] = counts[where[hit]]
+    if n_q and (n_bank - same).min() < k:
+        r = int(np.argmin(n_bank - same))
+        raise ValueError(f"query {r} has only {n_bank - same[r]} bank members of other "
+                         f"identities, fewer than k={k}")
+    pos = np.zeros((n_q, k), np.int64)
+    d2 = np.zeros((n_q, k), np.float32)
+    requeried = 0
+    exact_rows: list[np.ndarray] = []
+    index.set_ef(ef)
+    # hnswlib searches with a beam of max(ef, k) anyway, so asking for ef results costs about
+    # the same as asking for 3k, and it leaves far fewer rows short (fewer re-queries).
+    k0 = min(n_bank, first_k or max(3 * k, ef))
+    progress.start(label, n_q)
+    for a in range(0, n_q, _QUERY_CHUNK):
+        rows = np.arange(a, min(n_q, a + _QUERY_CHUNK))
+        kq = k0
+        first = True
+        while len(rows):
+            try:
+                lab, dd = index.knn_query(queries[rows], k=kq, num_threads=threads)
+                lab = lab.astype(np.int64)
+                ok = member_identity[lab] != qid[rows, None]
+                full = ok.sum(axis=1) >= k
+            except RuntimeError:
+                # hnswlib found fewer than kq results for some row of this call: treat the whole
+                # call as short and let the grown query (or exact search) answer it.
+                full = np.zeros(len(rows), bool)
+            if full.any():
+                lab_k, d_k = _first_k_valid(lab[full], dd[full], ok[full], k)
+                pos[rows[full]] = lab_k
+                d2[rows[full]] = d_k
+            rows = rows[~full]
+            if not len(rows):
+                break
+            if first:
+                requeried += len(rows)
+                first = False
+            # Rows already queried with k >= same + k cannot be helped by a larger k.
+            cap = same[rows] + k
+            give_up = cap <= kq
+            if give_up.any() or kq >= n_bank:
+                stuck = rows if kq >= n_bank else rows[give_up]
+                exact_rows.append(stuck)
+                rows = np.setdiff1d(rows, stuck)
+            kq = min(n_bank, max(2 * kq, k0 + 1))
+        progress.advance(min(n_q, a + _QUERY_CHUNK) - a)
+    n_exact = 0
+    if exact_rows:
+        stuck = np.concatenate(exact_rows)
+        n_exact = len(stuck)
+        if bank_vectors is None:
+            bank_vectors = np.asarray(index.get_items(np.arange(n_bank)), np.float32)
+        ex = exact_search(bank_vectors, member_identity, queries[stuck], qid[stuck], k,
+                          threads=threads)
+        pos[stuck] = ex.pos
+        d2[stuck] = ex.dist.astype(np.float64) ** 2
+    return SearchResult(pos=pos, dist=np.sqrt(np.maximum(d2, 0)).astype(np.float32),
+                        requeried=requeried, exact_rows=n_exact)
+
+
+def exact_search(
+    bank_vectors: np.ndarray,
+    member_identity: np.ndarray | None,
+    queries: np.ndarray,
+    query_identity: np.ndarray | None,
+    k: int,
+    threads: int | None = None,
+    block_elems: int = 1 << 24,
+    progress: Progress | None = None,
+    label: str = "exact search",
+) -> SearchResult:
+    """Exact k nearest bank members of another identity: blocked brute force with torch.
+
+    bank_vectors: (B, D). member_identity: (B,) or None. queries: (Q, D). query_identity: (Q,)
+    (-1 or None: exclude nothing). Squared distances come from ||q||^2 - 2 q.x + ||x||^2 in
+    float32 blocks of about ``block_elems`` entries (memory bound: 4 bytes each); the k + 4
+    best candidates are then re-scored in float64 from the differences, so the order is not
+    spoilt by the expansion's cancellation error. Ties break by bank row.
+
+    Raises ValueError when a query has fewer than k members of other identities.
+    """
+    progress = progress or NullProgress()
+    xb = np.ascontiguousarray(bank_vectors, np.float32)
+    queries = _check_queries(queries, xb.shape[1])
+    n_bank, n_q = len(xb), len(queries)
+    mid = (np.full(n_bank, -2, np.int64) if member_identity is None
+           else np.asarray(member_identity, np.int64))
+    qid = (np.full(n_q, -1, np.int64) if query_identity is None
+           else np.asarray(query_identity, np.int64))
+    kk = min(n_bank, k + 4)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads())
+    try:
+        xt = torch.from_numpy(xb)
+        xn = (xt * xt).sum(1)
+        mt = torch.from_numpy(mid)
+        bank_block = max(1, min(n_bank, block_elems // 256))
+        q_block = max(1, min(n_q, block_elems // bank_block))
+        pos = np.zeros((n_q, k), np.int64)
+        dist = np.zeros((n_q, k), np.float64)
+        progress.start(label, n_q)
+        for a in range(0, n_q, q_block):
+            b = min(n_q, a + q_block)
+            qt = torch.from_numpy(queries[a:b])
+            qn = (qt * qt).sum(1, keepdim=True)
+            qi = torch.from_numpy(qid[a:b])[:, None]
+            best_v = torch.full((b - a, 0), float("inf"))
+            best_i = torch.zeros((b - a, 0), dtype=torch.int64)
+            for c in range(0, n_bank, bank_block):
+                e = min(n_bank, c + bank_block)
+                d = qn - 2.0 * (qt @ xt[c:e].T) + xn[None, c:e]
+                d.masked_fill_(mt[None, c:e] == qi, float("inf"))
+                v, i = torch.topk(d, min(kk, e - c), dim=1, largest=False, sorted=False)
+                best_v = torch.cat([best_v, v], 1)
+                best_i = torch.cat([best_i, i + c], 1)
+                if best_v.shape[1] > kk:  # keep the running candidate list at kk columns
+                    v, j = torch.topk(best_v, kk, dim=1, largest=False, sorted=False)
+                    best_v, best_i = v, torch.gather(best_i, 1, j)
+            if (torch.isfinite(best_v).sum(1) < k).any():
+                raise ValueError(f"a query has fewer than k={k} bank members of other "
+                                 "identities")
+            bi = best_i.numpy()
+            # Re-score in float64 and sort by (distance, row) for a deterministic order;
+            # masked (same-identity) candidates survive only when few others exist: sink them.
+            diff = xb[bi].astype(np.float64) - queries[a:b, None, :].astype(np.float64)
+            d2 = np.einsum("qkd,qkd->qk", diff, diff)
+            d2[mid[bi] == qid[a:b, None]] = np.inf
+            order = np.lexsort((bi, d2), axis=1)[:, :k]
+            pos[a:b] = np.take_along_axis(bi, order, 1)
+            dist[a:b] = np.take_along_axis(d2, order, 1)
+            progress.advance(b - a)
+    finally:
+        torch.set_num_threads(old_threads)
+    return SearchResult(pos=pos, dist=np.sqrt(dist).astype(np.float32))
+
+
+def recall(approx: SearchResult, exact: SearchResult, rtol: float = 1e-5) -> tuple[float, float]:
+    """(recall@1, recall@K) of ``approx`` against ``exact`` over the same queries.
+
+    A returned neighbour counts as a hit when it is in the exact top-K, or when its distance
+    ties the exact K-th distance (within ``rtol``): equidistant members are equally right.
+    recall@1 asks the same of the first neighbour against the exact first.
+    """
+    if len(exact.pos) == 0:
+        return 1.0, 1.0
+    k = exact.pos.shape[1]
+    tol_k = exact.dist[:, -1:].astype(np.float64) * (1 + rtol) + 1e-7
+    in_set = (approx.pos[:, :, None] == exact.pos[:, None, :]).any(axis=2)
+    hits = in_set | (approx.dist <= tol_k)
+    tol_1 = exact.dist[:, 0].astype(np.float64) * (1 + rtol) + 1e-7
+    top1 = (approx.pos[:, 0] == exact.pos[:, 0]) | (approx.dist[:, 0] <= tol_1)
+    return float(top1.mean()), float(hits.sum() / (len(hits) * k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Store layer
+
+
+@dataclass
+class BankReport:
+    """What :func:`build_bank` did; seconds are wall-clock."""
+
+    path: Path
+    name: str
+    members: int
+    identities: list[str]
+    timesteps: int
+    k: int
+    exact: bool
+    recall_at_1: float
+    recall_at_k: float
+    recall_queries: int
+    fallback_rate: float
+    index_bytes: int
+    replaced: bool
+    seconds: dict[str, float]
+
+    @property
+    def build_seconds(self) -> float:
+        return float(sum(self.seconds.values()))
+
+
+def _as_store(store: str | Path | Store) -> Store:
+    return store if isinstance(store, Store) else Store(store)
+
+
+def _check_name(path: Path, name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or name != name.strip():
+        raise StoreError(path, f"bad bank name {name!r}: use letters, digits, '-' or '_'")
+
+
+def bank_names(store: str | Path | Store) -> list[str]:
+    """Names of the complete banks in a store (unfinished ``.tmp-*`` groups are skipped)."""
+    f = _as_store(store).h5()
+    if BANKS_GROUP not in f:
+        return []
+    return sorted(n for n in f[BANKS_GROUP] if not n.startswith(TMP_PREFIX))
+
+
+def build_bank(
+    store: str | Path | Store,
+    config: BankConfig | None = None,
+    progress: Progress | None = None,
+) -> BankReport:
+    """Build bank ``config.name`` of a store in place and return what was done.
+
+    Members: ``config.frames_per_id`` timesteps per selected identity, never from held-out
+    sequences. Neighbour tables cover *every* timestep (held-out ones included: evaluation
+    needs them). Everything is checked before the store is opened for writing, and the bank is
+    written under ``/banks/.tmp-{name}`` and moved into place, so a failure leaves the previous
+    bank (and every other bank) as it was.
+    """
+    st = _as_store(store)
+    try:
+        return _build_bank(st, config or BankConfig(), progress or NullProgress())
+    finally:
+        # Close every read handle, also on refusal: HDF5 will not open a file for writing in
+        # a process that still holds it read-only (a later build here would fail).
+        st.close()
+
+
+def _build_bank(st: Store, cfg: BankConfig, progress: Progress) -> BankReport:
+    path = st.path
+    _check_name(path, cfg.name)
+    if cfg.k < 1:
+        raise StoreError(path, f"k must be at least 1, got {cfg.k}")
+    if cfg.frames_per_id < 1:
+        raise StoreError(path, f"frames per identity must be at least 1, got {cfg.frames_per_id}")
+    ts = st.timesteps
+    n_t = len(ts)
+    if n_t == 0 or ts.exp.ndim != 2 or ts.exp.shape[1] == 0:
+        raise StoreError(path, "the store has no timesteps (run `rafdata ingest` first)")
+    exists = cfg.name in bank_names(st)
+    if exists and not cfg.force:
+        raise StoreError(path, f"bank {cfg.name!r} already exists; pass --force to replace it")
+    exp = np.ascontiguousarray(ts.exp, np.float32)
+    bad = ~np.isfinite(exp).all(axis=1)
+    if bad.any():
+        raise StoreError(path, f"{int(bad.sum())} timesteps have non-finite expression "
+                               f"coefficients (first: row {int(np.flatnonzero(bad)[0])})")
+    held_seq = np.asarray(st.sequences.held_out, bool)
+    eligible = ~held_seq[ts.sequence]
+    held_names = sorted({st.sequences.name[s] for s in np.flatnonzero(held_seq)})
+    with_frames = np.unique(ts.identity[eligible])
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    chosen = select_identities(
+        st.identities, identities=cfg.identities, fraction=cfg.identity_fraction,
+        subset_seed=cfg.subset_seed, part=cfg.subset_part, candidates=with_frames, path=path)
+    empty = np.setdiff1d(chosen, with_frames)
+    for i in empty:
+        progress.warn(f"identity {st.identities[i]} has only held-out timesteps; not in the bank")
+    chosen = np.intersect1d(chosen, with_frames)
+    if len(chosen) == 0:
+        raise StoreError(path, "no identity with timesteps outside held-out sequences to "
+                               "build a bank from")
+    members = sample_members(ts.identity, eligible, chosen, cfg.frames_per_id, cfg.seed)
+    member_identity = ts.identity[members].astype(np.int64)
+    # Refuse (rather than pad) when some timestep cannot get k members of other identities.
+    per_id = np.bincount(member_identity, minlength=len(st.identities))
+    others = len(members) - per_id[np.unique(ts.identity)]
+    if others.min() < cfg.k:
+        worst = np.unique(ts.identity)[int(np.argmin(others))]
+        raise StoreError(
+            path,
+            f"k={cfg.k} but identity {st.identities[worst]} has only {int(others.min())} bank "
+            f"members of other identities; lower --k or use more identities/frames",
+        )
+    seconds["sample"] = time.perf_counter() - t0
+
+    bank_vectors = exp[members]
+    query_identity = ts.identity.astype(np.int64)
+    index_bytes: np.ndarray | None = None
+    if cfg.exact:
+        t0 = time.perf_counter()
+        result = exact_search(bank_vectors, member_identity, exp, query_identity, cfg.k,
+                              threads=cfg.threads, progress=progress, label="exact tables")
+        seconds["query"] = time.perf_counter() - t0
+        r1 = rk = 1.0
+        n_recall = 0
+    else:
+        t0 = time.perf_counter()
+        index = build_index(bank_vectors, cfg.M, cfg.ef_construction, cfg.seed,
+                            progress=progress)
+        seconds["index"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = search_excluding(index, member_identity, exp, query_identity, cfg.k,
+                                  ef=cfg.ef, threads=cfg.threads, bank_vectors=bank_vectors,
+                                  progress=progress, label="neighbour tables")
+        seconds["query"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_recall = min(n_t, max(0, cfg.recall_sample))
+        sample = np.sort(np.random.default_rng(cfg.seed).choice(n_t, n_recall, replace=False))
+        truth = exact_search(bank_vectors, member_identity, exp[sample], query_identity[sample],
+                             cfg.k, threads=cfg.threads, progress=progress,
+                             label="measuring recall")
+        r1, rk = recall(SearchResult(result.pos[sample], result.dist[sample]), truth)
+        seconds["recall"] = time.perf_counter() - t0
+        index_bytes = serialize_index(index)
+        del index
+
+    t0 = time.perf_counter()
+    group_attrs: dict[str, Any] = {
+        "frames_per_id": cfg.frames_per_id,
+        "seed": cfg.seed,
+        "identities": [st.identities[i] for i in chosen],
+        "sequences_excluded": held_names,
+        "identity_filter": list(cfg.identities) if cfg.identities is not None else [],
+        "identity_fraction": -1.0 if cfg.identity_fraction is None else cfg.identity_fraction,
+        "subset_seed": cfg.subset_seed,
+        "subset_part": cfg.subset_part,
+        "M": cfg.M,
+        "ef_construction": cfg.ef_construction,
+        "ef": cfg.ef,
+        "metric": METRIC,
+        "exp_space": st.exp_space,
+        "exp_dim": int(exp.shape[1]),
+        "threads": cfg.threads,
+        "exact": cfg.exact,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    nb_attrs: dict[str, Any] = {
+        "k": cfg.k,
+        "metric": METRIC,
+        "recall_at_1": r1,
+        "recall_at_k": rk,
+        "recall_queries": n_recall,
+        "fallback_rate": result.fallback_rate,
+        "exact": cfg.exact,
+    }
+    st.close()  # the write below opens its own handle; never keep a read handle beside it
+    group_attrs["build_seconds"] = float(sum(seconds.values()))
+    progress.start("writing", 1)
+    _write_bank(path, cfg.name, members, index_bytes, members[result.pos], result.dist,
+                group_attrs, nb_attrs)
+    progress.advance(1)
+    seconds["write"] = time.perf_counter() - t0
+    return BankReport(
+        path=path, name=cfg.name, members=len(members),
+        identities=group_attrs["identities"], timesteps=n_t, k=cfg.k, exact=cfg.exact,
+        recall_at_1=r1, recall_at_k=rk, recall_queries=n_recall,
+        fallback_rate=result.fallback_rate,
+        index_bytes=0 if index_bytes is None else int(index_bytes.nbytes),
+        replaced=exists, seconds=seconds,
+    )
+
+
+def _write_bank(
+    path: Path,
+    name: str,
+    members: np.ndarray,
+    index_bytes: np.ndarray | None,
+    nb_index: np.ndarray,
+    nb_dist: np.ndarray,
+    group_attrs: dict[str, Any],
+    nb_attrs: dict[str, Any],
+) -> None:
+    """Write ``/banks/.tmp-{name}``, then swap it in for ``/banks/{name}``.
+
+    The format check runs read-only first, so a newer store is never opened for writing. A
+    crash before the move leaves only a ``.tmp-*`` group (ignored by readers, removed by the
+    next build); the old bank is deleted only once the new one is complete and flushed.
+    """
+    with h5py.File(path, "r", locking=False) as probe:
+        check_format(probe, path)
+    with h5py.File(path, "r+", locking=False) as f:
+        banks = f.require_group(BANKS_GROUP)
+        for stale in [n for n in banks if n.startswith(TMP_PREFIX)]:
+            del banks[stale]
+        tmp = TMP_PREFIX + name
+        g = banks.create_group(tmp)
+        g.create_dataset("members", data=np.asarray(members, np.int64))
+        if index_bytes is not None:
+            g.create_dataset("hnsw", data=index_bytes)
+        nb = g.create_group("neighbors")
+        t, k = nb_index.shape
+        chunk_rows = max(1, min(t, 65536))
+        nb.create_dataset("index", data=np.asarray(nb_index, np.int64), chunks=(chunk_rows, k))
+        nb.create_dataset("dist", data=np.asarray(nb_dist, np.float32), chunks=(chunk_rows, k))
+        for key, v in group_attrs.items():
+            g.attrs[key] = v
+        for key, v in nb_attrs.items():
+            nb.attrs[key] = v
+        f.flush()
+        if name in banks:
+            del banks[name]
+        banks.move(tmp, name)
+        f.flush()
+
+
+class Bank:
+    """A bank loaded from a store, for new queries (e.g. a driver's expressions at eval time).
+
+    members: (B,) int64 rows of /timesteps. member_identity: (B,) identity rows. vectors:
+    (B, D) float32 bank vectors. ``identities`` are the store's identity names (row -> name).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        members: np.ndarray,
+        member_identity: np.ndarray,
+        vectors: np.ndarray,
+        identities: list[str],
+        index: hnswlib.Index | None,
+        attrs: dict[str, Any],
+        threads: int | None = None,
+    ):
+        self.name = name
+        self.members = members
+        self.member_identity = member_identity
+        self.vectors = vectors
+        self.identities = identities
+        self.index = index
+        self.attrs = attrs
+        self.ef = int(attrs.get("ef", BankConfig.ef))
+        self.threads = threads or default_threads()
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @classmethod
+    def load(cls, store: str | Path | Store, name: str = "full",
+             threads: int | None = None) -> Bank:
+        """Read bank ``name``; StoreError when it is missing or damaged."""
+        st = _as_store(store)
+        try:
+            return cls._load(st, name, threads)
+        finally:
+            if st is not store:
+                st.close()  # our own handle: a later writer in this process needs it closed
+
+    @classmethod
+    def _load(cls, st: Store, name: str, threads: int | None) -> Bank:
+        f = st.h5()
+        if name not in bank_names(st):
+            raise StoreError(st.path, f"no bank {name!r} (has: "
+                                      f"{', '.join(bank_names(st)) or 'none'}); run "
+                                      "`rafdata build-bank` first")
+        g = f[BANKS_GROUP][name]
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+        members = g["members"][:].astype(np.int64)
+        n_t = len(st.timesteps)
+        if len(members) and (members.min() < 0 or members.max() >= n_t):
+            raise StoreError(st.path, f"/banks/{name}/members refers to missing timesteps")
+        vectors = np.ascontiguousarray(st.timesteps.exp[members], np.float32)
+        member_identity = st.timesteps.identity[members].astype(np.int64)
+        index = None
+        if "hnsw" in g:
+            try:
+                index = deserialize_index(g["hnsw"][:], vectors.shape[1], len(members),
+                                          int(attrs.get("ef", BankConfig.ef)))
+            except RuntimeError as err:
+                raise StoreError(st.path, f"/banks/{name}/hnsw cannot be loaded: {err}") from None
+            if index.get_current_count() != len(members):
+                raise StoreError(st.path, f"/banks/{name}/hnsw holds "
+                                          f"{index.get_current_count()} vectors, members "
+                                          f"{len(members)}")
+        return cls(name, members, member_identity, vectors, list(st.identities), index, attrs,
+                   threads)
+
+    def _identity_rows(self, exclude: Any, n: int) -> np.ndarray | None:
+        if exclude is None:
+            return None
+
+        def row(x: Any) -> int:
+            if isinstance(x, str):
+                # A name the store does not know owns no member: it excludes nothing.
+                hit = [i for i, nm in enumerate(self.identities) if identity_matches(nm, x)]
+                return hit[0] if hit else -1
+            return int(x)
+
+        if isinstance(exclude, (str, int, np.integer)):
+            return np.full(n, row(exclude), np.int64)
+        rows = np.asarray([row(x) for x in exclude], np.int64)
+        if len(rows) != n:
+            raise ValueError(f"exclude_identity has {len(rows)} entries for {n} queries")
+        return rows
+
+    def query(
+        self,
+        vectors: np.ndarray,
+        k: int = 1,
+        exclude_identity: Any = None,
+        exact: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest bank members of ``vectors`` (Q, D) (or one (D,) vector).
+
+        exclude_identity: None, one identity (row index or name, "17" matches "017") for all
+        queries, or one per query. Returns (rows (Q, k) int64 rows of /timesteps, dist (Q, k)
+        float32 Euclidean, ascending). ``exact`` (or a bank built with --exact) uses brute
+        force; otherwise the stored HNSW index with the bank's ef.
+        """
+        v = np.asarray(vectors, np.float32)
+        if v.ndim == 1:
+            v = v[None]
+        qid = self._identity_rows(exclude_identity, len(v))
+        if exact or self.index is None:
+            res = exact_search(self.vectors, self.member_identity, v, qid, k,
+                               threads=self.threads)
+        else:
+            res = search_excluding(self.index, self.member_identity, v, qid, k, ef=self.ef,
+                                   threads=self.threads, bank_vectors=self.vectors)
+        return self.members[res.pos], res.dist
