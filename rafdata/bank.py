@@ -51,6 +51,7 @@ import torch
 
 from rafdata.errors import StoreError
 from rafdata.progress import NullProgress, Progress
+from rafdata.resources import cores_available
 from rafdata.store import Store, check_format, identity_matches
 
 BANKS_GROUP = "banks"
@@ -65,11 +66,8 @@ _BUILD_CHUNK = 4096
 
 
 def default_threads() -> int:
-    """CPU cores this process may use (respects affinity masks and container CPU sets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    """Query threads by default: every core this process may use."""
+    return cores_available()
 
 
 @dataclass(frozen=True)

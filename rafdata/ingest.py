@@ -16,7 +16,6 @@ Policy for bad input (see docs/ingest.md):
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -30,6 +29,7 @@ import numpy as np
 from rafdata.errors import FrameCountError, SourceError
 from rafdata.geometry import ImageTransform, color_correct
 from rafdata.progress import NullProgress, Progress
+from rafdata.resources import cores_available
 from rafdata.sources import open_source
 from rafdata.sources.base import CameraCalib, SequenceSource, SourceOptions, Tracking
 from rafdata.store import DEFAULT_COMPRESSION, StoreWriter, identity_matches
@@ -39,8 +39,8 @@ QUEUE_DEPTH = 8  # decoded frames buffered per camera ahead of the writer
 
 
 def default_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else (os.cpu_count() or 1)))
+    """Decoding threads by default: the cores available, at most 8."""
+    return min(8, cores_available())
 
 
 @dataclass

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from rafdata.bank import bank_names
 from rafdata.errors import StoreError
+from rafdata.resources import cores_available
 from rafdata.store import Store
 
 MODES = ("raf", "vanilla", "noise")
@@ -337,7 +338,7 @@ class EpochSampler(Sampler):
 
 def default_workers() -> int:
     """Loader processes: all cores but one (the trainer's), at most 8; 0 on a single core."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, cores_available() - 1))
 
 
 def seed_worker(worker_id: int) -> None:
