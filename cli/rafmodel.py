@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import FriendlyGroup
+from cli.common import FriendlyGroup, split_list
 
 console = Console(soft_wrap=True)  # long paths must stay on one line
 
@@ -40,6 +41,80 @@ def env(device: str, as_json: bool) -> None:
     for k, v in info.as_dict().items():
         table.add_row(k.replace("_", " "), ", ".join(v) if isinstance(v, tuple) else str(v))
     console.print(table)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--subject", required=True, help="Participant id to train, e.g. 388.")
+@click.option("--aug", type=click.Choice(["raf", "vanilla", "noise"]), default="raf",
+              show_default=True, help="RAF, or a baseline: no augmentation / random noise.")
+@click.option("--p", "p", type=float, default=0.5, show_default=True,
+              help="RAF: probability of swapping the expression vector.")
+@click.option("--topk", type=int, default=1, show_default=True,
+              help="RAF: draw uniformly among the k nearest neighbours.")
+@click.option("--noise-std", type=float, default=0.08, show_default=True)
+@click.option("--bank", default="full", show_default=True, help="Bank with the neighbour table.")
+@click.option("--iters", type=int, default=None,
+              help="Training steps [default: 100000 on CUDA, 300 on CPU].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder [default: runs/SUBJECT-AUG].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+              show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "gsplat", "torch"]), default="auto",
+              show_default=True, help="Renderer (auto: gsplat on CUDA, ours on CPU).")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--workers", type=int, default=None, help="Data loader processes.")
+@click.option("--cameras", default=None, help="Only these camera serials.")
+@click.option("--resolution", type=int, default=None,
+              help="Longest rendered side [default: 512 on CUDA, 128 on CPU].")
+@click.option("--num-gaussians", type=int, default=None,
+              help="Initial Gaussians [default: 100000 on CUDA, 3000 on CPU].")
+@click.option("--vgg-weights", type=click.Path(path_type=Path), default=None,
+              help="torchvision VGG16 checkpoint for the LPIPS loss (default: torch hub cache).")
+@click.option("--lpips-weights", type=click.Path(path_type=Path), default=None,
+              help="LPIPS linear heads (default: from an installed lpips/torchmetrics).")
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--preview-every", type=int, default=100, show_default=True)
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True)
+@click.option("--quiet", is_flag=True)
+def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, seed, device,
+          backend, batch_size, workers, cameras, resolution, num_gaussians, vgg_weights,
+          lpips_weights, log_every, preview_every, checkpoint_every, quiet) -> None:
+    """Train SUBJECT's avatar from STORE with RAF (or a baseline)."""
+    from rafdata.progress import RichProgress
+    from rafmodel.losses import LossConfig
+    from rafmodel.train import Runner, TrainConfig
+
+    cfg = TrainConfig(
+        store=str(store), subject=subject, out=str(out) if out else None, aug=aug, p=p,
+        topk=topk, noise_std=noise_std, bank=bank, iters=iters, seed=seed, device=device,
+        backend=backend, batch_size=batch_size, workers=workers,
+        cameras=split_list(cameras), resolution=resolution, num_gaussians=num_gaussians,
+        log_every=log_every, preview_every=preview_every, checkpoint_every=checkpoint_every,
+        loss=LossConfig(vgg_weights=str(vgg_weights) if vgg_weights else None,
+                        lpips_weights=str(lpips_weights) if lpips_weights else None),
+    )
+    with RichProgress(quiet) as progress:
+        runner = Runner(cfg, warn=progress.warn, resume=resume)
+        if not quiet:
+            console.print(f"[bold]{runner.out}[/]: {runner.cfg.aug} on {runner.dataset.subject}"
+                          f", {len(runner.dataset)} images, {runner.width}x{runner.height} on "
+                          f"{runner.device}, {runner.model.num_gaussians} Gaussians; loss "
+                          f"{runner.loss_description}")
+        progress.start("training", runner.cfg.iters)
+        progress.advance(runner.step)
+
+        def report(step: int, numbers: dict) -> None:
+            progress.advance(1)
+            progress.describe(f"training loss {numbers['total']:.4f} psnr {numbers['psnr']:.2f}"
+                              f" swap {numbers['swap_rate']:.2f} N {int(numbers['gaussians'])}")
+
+        summary = runner.train(report)
+    if not quiet:
+        console.print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, realised "
+                      f"swap rate {summary['swap_rate']:.3f}; outputs in {runner.out}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,11 @@ class RichProgress:
         speed = self._bar.tasks[-1].speed
         self._bar.update(self._task, rate=f"{speed:.1f}/s" if speed else "")
 
+    def describe(self, text: str) -> None:
+        """Replace the current bar's label (e.g. with the latest loss)."""
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, description=text)
+
     def callback(self, label: str) -> Callable[[int, int], None]:
         """A ``(done, total)`` callback for code that reports absolute counts."""
         last = [0]

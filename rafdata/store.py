@@ -128,10 +128,10 @@ class ImageCodec:
     bytes with ``write_direct_chunk``; HDF5 decompresses them on read as usual.
     """
 
-    def __init__(self, name: str = DEFAULT_COMPRESSION):
+    def __init__(self, name: str = DEFAULT_COMPRESSION, direct: bool = True):
         compression_options(name)  # validates the name
         self.name = name
-        self.direct = name in _BLOSC
+        self.direct = direct and name in _BLOSC
         if self.direct:
             import blosc
 
@@ -151,6 +151,16 @@ class ImageCodec:
         payload = blosc.compress(data, typesize=1, clevel=level, shuffle=blosc.SHUFFLE,
                                  cname=cname)
         return EncodedImage(data.shape, crc, payload, None)
+
+
+BLOSC_FILTER_ID = 32001
+
+
+def blosc_only(ds: h5py.Dataset) -> bool:
+    """True when the dataset's only filter is Blosc: its chunks are exactly Blosc frames, so
+    they can be written and read raw (any other filter, e.g. a checksum, changes the bytes)."""
+    dcpl = ds.id.get_create_plist()
+    return dcpl.get_nfilters() == 1 and dcpl.get_filter(0)[0] == BLOSC_FILTER_ID
 
 
 def check_format(f: h5py.File, path: Path) -> None:
@@ -373,7 +383,7 @@ class Store:
         self.image_timestep = im["timestep"][:n]
         self.image_camera = im["camera"][:n]
         self.image_has_mask = im["has_mask"][:n]
-        self._blosc = str(im.attrs.get("compression", "")) in _BLOSC
+        self._blosc = "rgb" in im and blosc_only(im["rgb"])
         self.image_size: tuple[int, int] | None = (
             (int(im["rgb"].shape[1]), int(im["rgb"].shape[2])) if "rgb" in im else None
         )  # (H, W)
@@ -540,10 +550,13 @@ class StoreWriter:
             self.f = _open_h5(self.path, "w-")
             self._create_schema()
         self._recover()
-        stored = self.f["images"].attrs.get("compression")
+        im = self.f["images"]
+        stored = im.attrs.get("compression")
         if stored and stored != compression:  # chunks must match the dataset's filter
             self.compression = str(stored)
             self.codec = ImageCodec(self.compression)
+        if "rgb" in im and self.codec.direct and not blosc_only(im["rgb"]):
+            self.codec = ImageCodec(self.compression, direct=False)  # let HDF5 filter it
 
     # -- schema ----------------------------------------------------------------------------
     def _create_schema(self) -> None:

@@ -208,3 +208,30 @@ def test_invariants_catch_bad_rows(tmp_path):
     with Store(path) as s:
         problems = check_invariants(s)
     assert any("another identity's camera" in p for p in problems)
+
+
+def test_blosc_with_other_filters_is_read_and_appended_through_hdf5(tmp_path):
+    """Raw chunk I/O is only for Blosc-only datasets; a pipeline with a checksum goes via HDF5."""
+    from rafdata.store import blosc_only, compression_options
+
+    path = tmp_path / "s.h5"
+    truth = write_store(path, identities=("388",), sequences=("A",), masks=False)
+    with h5py.File(path, "r+") as f:
+        assert blosc_only(f["images/rgb"])
+        data = f["images/rgb"][:]
+        del f["images/rgb"]
+        f["images"].create_dataset("rgb", data=data, maxshape=(None, *data.shape[1:]),
+                                   chunks=(1, *data.shape[1:]),
+                                   **compression_options("blosc-lz4", checksum=True))
+        assert not blosc_only(f["images/rgb"])
+    with Store(path) as s:
+        np.testing.assert_array_equal(s.read_rgb(7), truth[("388", "A")]["rgb"][1, 2])
+    extra = np.random.default_rng(5).integers(0, 256, (5, 24, 32, 3), dtype=np.uint8)
+    with StoreWriter(path) as w:
+        assert not w.codec.direct
+        with w.sequence("388", "B", False, "mem") as sw:
+            rows = sw.add_timesteps(*fake_sequence(np.random.default_rng(1)), "test")
+            sw.add_images(extra, None, rows, sw.camera("222200030", *camera(0)))
+    with Store(path) as s:
+        np.testing.assert_array_equal(s.read_rgb(12), extra[2])
+        assert verify(s).ok

@@ -1,0 +1,316 @@
+"""Densification and pruning of the avatar's Gaussians (3DGS's adaptive density control).
+
+A device-agnostic re-implementation of what gsplat's ``DefaultStrategy`` does, on our model
+(:class:`rafmodel.avatar.GaussianHeadAvatar`, whose per-Gaussian tensors live in the
+``nn.ParameterDict`` ``model.gaussians``) and our renderer output
+(:class:`rafmodel.render.RenderOutput`). It runs on CPU and CUDA alike.
+
+Every ``refine_every`` steps between ``refine_start`` and ``refine_stop``:
+
+- Gaussians whose mean view-space gradient is high are grown: *cloned* (an exact copy) when
+  small, *split* into two samples drawn from themselves, with scales / 1.6, when large;
+- Gaussians that are almost transparent or too large are pruned;
+
+and every ``reset_every`` steps all opacities are clamped down to ``2 * prune_opacity`` so
+that useless Gaussians fade out and get pruned.
+
+Units. ``grow_grad2d`` is in gsplat's units: the pixel-space gradient ``means2d.grad`` (what
+our renderer returns) times (W/2, H/2), i.e. the gradient w.r.t. NDC-like coordinates, so
+one threshold (3DGS/gsplat: 0.0002) suits any image size. Scale thresholds are in head radii
+(``model.head_radius``): gsplat's are fractions of the scene extent (0.01 to grow, 0.1 to
+prune), and for a NeRSemble-like rig whose cameras sit ~1 m from the head (extent ~1.1 m) that
+is 1.1 cm and 11 cm, about 0.1 and 1 head radii of 10 cm.
+
+Optimizer state. Every change to the rows of a parameter is applied to its Adam state too
+(``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``): surviving rows keep theirs, new rows start
+at zero, pruned rows go; the Parameter objects are replaced both in ``model.gaussians`` and in
+the optimizer's ``param_groups`` (the state moves with them). Optimizers are found by
+parameter identity, so any grouping works.
+
+Training loop order (as gsplat): ``out = render(...)``; ``strategy.step_pre_backward(out)``;
+``loss.backward()``; ``strategy.step_post_backward(step, model, optimizers, out)``;
+``optimizer.step()``; ``optimizer.zero_grad()``. Stepping the optimizer before
+``step_post_backward`` also works (``means2d.grad`` stays on ``out``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rafmodel.avatar import quat_to_matrix
+
+
+@dataclass
+class DensifyConfig:
+    """When and how to grow and prune (defaults: 3DGS/gsplat ``DefaultStrategy``).
+
+    refine_start, refine_stop, refine_every: steps (gsplat 500, 15000, 100; of 30k).
+    grow_grad2d: mean gradient threshold, gsplat units (see module doc) (gsplat 0.0002).
+    grow_scale3d: canonical max-std threshold, head radii, between clone (<=) and split (>)
+        (gsplat 0.01 x scene extent -> ours 0.1).
+    prune_scale3d: prune Gaussians larger than this, head radii (gsplat 0.1 x extent -> 1.0),
+        applied after the first opacity reset as in gsplat.
+    prune_scale2d: prune Gaussians whose screen radius exceeded this fraction of max(W, H)
+        since the last refinement; None = off (gsplat 0.15, off by default too).
+    prune_opacity: (gsplat 0.005). reset_every: opacity reset period, 0 = never (gsplat 3000).
+    split_samples: children per split (2), split_shrink: scale divisor (1.6).
+    max_gaussians: cap on N; growth keeps the highest-gradient candidates. None = no cap.
+    seed: of the split sampling.
+    """
+
+    refine_start: int = 500
+    refine_stop: int = 15_000
+    refine_every: int = 100
+    grow_grad2d: float = 0.0002
+    grow_scale3d: float = 0.1
+    prune_scale3d: float = 1.0
+    prune_scale2d: float | None = None
+    prune_opacity: float = 0.005
+    reset_every: int = 3000
+    split_samples: int = 2
+    split_shrink: float = 1.6
+    max_gaussians: int | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def for_iters(cls, iters: int, **overrides: Any) -> DensifyConfig:
+        """The 30k-step schedule shrunk to ``iters`` steps (refinement at least every 10
+        steps, so the gradient statistics average over several views)."""
+        f = iters / 30_000
+        every = max(10, round(100 * f))
+        sched = dict(refine_start=max(every, round(500 * f)), refine_stop=max(1, iters // 2),
+                     refine_every=every, reset_every=max(10 * every, round(3000 * f)))
+        return cls(**{**sched, **overrides})
+
+
+def _optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
+    if optimizers is None:
+        return []
+    if isinstance(optimizers, torch.optim.Optimizer):
+        return [optimizers]
+    if isinstance(optimizers, Mapping):
+        return list(optimizers.values())
+    return list(optimizers)
+
+
+RowFn = Callable[[str, Tensor], Tensor]
+
+
+def update_rows(model: nn.Module, optimizers: Any, param_fn: RowFn, state_fn: RowFn,
+                keys: Iterable[str] | None = None) -> None:
+    """Replace per-Gaussian parameters and their optimizer state consistently.
+
+    For each key of ``model.gaussians`` (or ``keys``): the new Parameter holds
+    ``param_fn(key, old_data)``; in every optimizer holding the old Parameter, it takes its
+    place in ``param_groups`` and each per-row state tensor ``v`` (first dim N) becomes
+    ``state_fn(key, v)``; scalars such as Adam's ``step`` are kept.
+    """
+    opts = _optimizer_list(optimizers)
+    for key in list(model.gaussians.keys() if keys is None else keys):
+        old = model.gaussians[key]
+        n_old = old.shape[0]
+        new = nn.Parameter(param_fn(key, old.detach()), requires_grad=old.requires_grad)
+        for opt in opts:
+            for group in opt.param_groups:
+                for i, p in enumerate(group["params"]):
+                    if p is not old:
+                        continue
+                    group["params"][i] = new
+                    st = opt.state.pop(old, None)
+                    if st is not None:
+                        opt.state[new] = {
+                            k: state_fn(key, v) if isinstance(v, Tensor) and v.ndim > 0
+                            and v.shape[0] == n_old else v
+                            for k, v in st.items()}
+        model.gaussians[key] = new
+
+
+class SimpleStrategy:
+    """Clone / split / prune / opacity reset for :class:`GaussianHeadAvatar` (CPU or CUDA).
+
+    Keeps per-Gaussian statistics since the last refinement: ``grad2d`` (N,) summed gradient
+    norms (gsplat units), ``count`` (N,) views in which the Gaussian was visible (radius > 0),
+    ``radii`` (N,) max screen radius as a fraction of max(W, H).
+    """
+
+    def __init__(self, cfg: DensifyConfig | None = None) -> None:
+        self.cfg = cfg or DensifyConfig()
+        self.grad2d: Tensor | None = None
+        self.count: Tensor | None = None
+        self.radii: Tensor | None = None
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.resets = 0
+
+    # -- persistence (for exact resume)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"grad2d": self.grad2d, "count": self.count, "radii": self.radii,
+                "generator": self.generator.get_state(), "resets": self.resets}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.grad2d, self.count, self.radii = state["grad2d"], state["count"], state["radii"]
+        self.generator.set_state(state["generator"])
+        self.resets = int(state["resets"])
+
+    # -- hooks
+
+    def step_pre_backward(self, out: Any) -> None:
+        """Make sure the projected means keep their gradient (our renderer already does)."""
+        for o in out if isinstance(out, Sequence) else [out]:
+            if o.means2d.requires_grad and not o.means2d.is_leaf:
+                o.means2d.retain_grad()
+
+    @torch.no_grad()
+    def step_post_backward(self, step: int, model: nn.Module, optimizers: Any,
+                           out: Any) -> dict[str, int]:
+        """Accumulate statistics from ``out`` (one RenderOutput or a list, one per rendered
+        view of the current N Gaussians), then refine / reset if this step is due.
+
+        Returns counts for logging: cloned, split, pruned, reset (0/1), n (after).
+        """
+        c = self.cfg
+        info = {"cloned": 0, "split": 0, "pruned": 0, "reset": 0}
+        if step >= c.refine_stop:
+            info["n"] = model.num_gaussians
+            return info
+        self._accumulate(model, out)
+        if step > c.refine_start and step % c.refine_every == 0:
+            info.update(self.refine(model, optimizers, step))
+        if c.reset_every > 0 and step > 0 and step % c.reset_every == 0:
+            self.reset_opacity(model, optimizers)
+            info["reset"] = 1
+        info["n"] = model.num_gaussians
+        return info
+
+    # -- statistics
+
+    def _ensure_state(self, n: int, device: torch.device) -> None:
+        if self.grad2d is None or self.grad2d.shape[0] != n:
+            self.grad2d = torch.zeros(n, device=device)
+            self.count = torch.zeros(n, device=device)
+            self.radii = torch.zeros(n, device=device)
+
+    def _accumulate(self, model: nn.Module, out: Any) -> None:
+        n = model.num_gaussians
+        self._ensure_state(n, model.gaussians["xyz"].device)
+        for o in out if isinstance(out, Sequence) else [out]:
+            grad = o.means2d.grad
+            if grad is None:
+                continue  # nothing was visible, or the loss did not depend on this view
+            if grad.shape[0] != n:
+                raise ValueError(f"render output has {grad.shape[0]} Gaussians, model {n}: "
+                                 "pass the output of this step's render")
+            h, w = o.image.shape[0], o.image.shape[1]
+            g = (grad * grad.new_tensor([w / 2.0, h / 2.0])).norm(dim=-1)
+            vis = o.radii > 0
+            self.grad2d[vis] += g[vis]
+            self.count[vis] += 1
+            self.radii[vis] = torch.maximum(self.radii[vis], o.radii[vis].float() / max(w, h))
+
+    # -- operations
+
+    def refine(self, model: nn.Module, optimizers: Any, step: int = 0) -> dict[str, int]:
+        """Grow then prune now, from the statistics gathered so far; resets them."""
+        c = self.cfg
+        n = model.num_gaussians
+        self._ensure_state(n, model.gaussians["xyz"].device)
+        r = float(model.head_radius)
+        avg = self.grad2d / self.count.clamp_min(1)
+        high = avg > c.grow_grad2d
+        big = model.gaussians["log_scales"].exp().amax(dim=1) > c.grow_scale3d * r
+        clone, split = high & ~big, high & big
+        if c.max_gaussians is not None:
+            # Each candidate adds one Gaussian (a clone) or split_samples - 1 (a split).
+            cost = max(1, c.split_samples - 1)
+            budget = max(0, c.max_gaussians - n)
+            cand = torch.nonzero(high, as_tuple=True)[0]
+            if cand.numel() * cost > budget:
+                order = cand[avg[cand].argsort(descending=True)]
+                keep = torch.zeros_like(high)
+                keep[order[: budget // cost]] = True
+                clone, split = clone & keep, split & keep
+        # Screen-size pruning uses statistics of the rows before growth; carry the flags.
+        too_big_2d = self.radii > c.prune_scale2d if c.prune_scale2d is not None else \
+            torch.zeros_like(high)
+        n_clone, n_split = int(clone.sum()), int(split.sum())
+        if n_clone:
+            self.clone(model, optimizers, clone)
+            too_big_2d = torch.cat([too_big_2d, too_big_2d.new_zeros(n_clone)])
+        if n_split:
+            split_mask = torch.cat([split, split.new_zeros(n_clone)])
+            self.split(model, optimizers, split_mask)
+            too_big_2d = torch.cat([too_big_2d[~split_mask],
+                                    too_big_2d.new_zeros(n_split * c.split_samples)])
+
+        opac = torch.sigmoid(model.gaussians["opacity_logit"])
+        prune = (opac < c.prune_opacity) | too_big_2d
+        if self.resets > 0:
+            prune |= model.gaussians["log_scales"].exp().amax(dim=1) > c.prune_scale3d * r
+        n_pruned = int(prune.sum())
+        if n_pruned >= model.num_gaussians:
+            prune[:] = False  # never empty the model: an empty cloud cannot learn back
+            n_pruned = 0
+        if n_pruned:
+            self.prune(model, optimizers, prune)
+        self.grad2d = self.count = self.radii = None
+        self._ensure_state(model.num_gaussians, model.gaussians["xyz"].device)
+        return {"cloned": n_clone, "split": n_split, "pruned": n_pruned}
+
+    def clone(self, model: nn.Module, optimizers: Any, mask: Tensor) -> None:
+        """Append an exact copy of the Gaussians in ``mask`` (N,) bool; new state rows 0."""
+        sel = torch.nonzero(mask, as_tuple=True)[0]
+        update_rows(model, optimizers,
+                    lambda k, p: torch.cat([p, p[sel]]),
+                    lambda k, v: torch.cat([v, v.new_zeros((sel.numel(),) + v.shape[1:])]))
+
+    def split(self, model: nn.Module, optimizers: Any, mask: Tensor) -> None:
+        """Replace each Gaussian in ``mask`` by ``split_samples`` children drawn from it
+        (positions ~ N(mean, cov)), scales divided by ``split_shrink``; the others keep their
+        rows (in order) and the children are appended with zero optimizer state."""
+        c = self.cfg
+        sel = torch.nonzero(mask, as_tuple=True)[0]
+        rest = torch.nonzero(~mask, as_tuple=True)[0]
+        m, k = sel.numel(), c.split_samples
+        g = model.gaussians
+        std = g["log_scales"][sel].exp()  # (m, 3) canonical units
+        rot = quat_to_matrix(g["rotation"][sel])  # (m, 3, 3)
+        z = torch.randn(k, m, 3, generator=self.generator).to(std)
+        offsets = torch.einsum("mij,kmj->kmi", rot, z * std)
+        children = {
+            "xyz": (g["xyz"][sel][None] + offsets).reshape(k * m, 3),
+            "log_scales": (g["log_scales"][sel] - math.log(c.split_shrink)).repeat(k, 1),
+        }
+
+        def param_fn(key: str, p: Tensor) -> Tensor:
+            new = children.get(key)
+            if new is None:
+                new = p[sel].repeat((k,) + (1,) * (p.ndim - 1))
+            return torch.cat([p[rest], new.to(p)])
+
+        update_rows(model, optimizers, param_fn,
+                    lambda key, v: torch.cat([v[rest], v.new_zeros((k * m,) + v.shape[1:])]))
+
+    def prune(self, model: nn.Module, optimizers: Any, mask: Tensor) -> None:
+        """Remove the Gaussians in ``mask`` (N,) bool, with their optimizer state rows."""
+        keep = torch.nonzero(~mask, as_tuple=True)[0]
+        update_rows(model, optimizers, lambda k, p: p[keep], lambda k, v: v[keep])
+
+    def reset_opacity(self, model: nn.Module, optimizers: Any) -> None:
+        """Clamp opacities to at most 2 * prune_opacity; zero their optimizer state (gsplat)."""
+        v = 2.0 * self.cfg.prune_opacity
+        cap = math.log(v / (1.0 - v))
+        update_rows(model, optimizers, lambda k, p: p.clamp_max(cap),
+                    lambda k, s: torch.zeros_like(s), keys=["opacity_logit"])
+        self.resets += 1
+
+
+__all__ = ["DensifyConfig", "SimpleStrategy", "update_rows"]

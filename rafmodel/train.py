@@ -1,0 +1,372 @@
+"""Training a subject's avatar from the store, with RAF (or a baseline) augmentation.
+
+One config dataclass (:class:`TrainConfig`), one :class:`Runner` holding the data, model,
+optimizer, densification strategy and loss, and a loop that logs, previews and checkpoints.
+
+Per step: one batch of the subject's own frames; each sample's expression vector is the
+augmented one (RAF swaps it for another identity's neighbour with probability p); the avatar
+is deformed and posed with it and rendered into the sample's camera; the loss compares the
+render with the subject's frame composited on the background colour. Averaged over samples
+this is (1 - p) L_self + p L_RAF, the paper's objective.
+
+Outputs in ``--out``: ``config.json`` (every setting, resolved), ``metrics.jsonl`` (one line per
+logged step), ``previews/step_XXXXXXX.png`` (render | target), ``checkpoints/last.pt`` and
+periodic ``step_XXXXXXX.pt``. Checkpoints hold only tensors and plain values, so
+``torch.load(..., weights_only=True)`` opens them; ``--resume`` continues exactly (same
+batches, same augmentation draws, same optimizer and densification state).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rafdata.errors import RafDataError
+from rafdata.geometry import ImageTransform
+from rafmodel.avatar import (
+    AvatarConfig,
+    GaussianHeadAvatar,
+    HullSample,
+    canonical_head_radius,
+    head_ellipsoid_radii,
+    init_ellipsoid,
+    init_from_visual_hull,
+)
+from rafmodel.data import AugmentConfig, InfiniteLoader, SubjectDataset, SwapStats, make_loader
+from rafmodel.device import select_device
+from rafmodel.losses import LossConfig, build_loss, psnr
+from rafmodel.render import render
+from rafmodel.strategy import DensifyConfig, SimpleStrategy
+
+CHECKPOINT_VERSION = 1
+
+# Defaults that depend on the device: GHA-sized on a GPU, small enough on a CPU that the demo
+# trains a few hundred steps in minutes.
+GPU_DEFAULTS = {"iters": 100_000, "resolution": 512, "num_gaussians": 100_000, "mlp_width": 256}
+CPU_DEFAULTS = {"iters": 300, "resolution": 128, "num_gaussians": 3000, "mlp_width": 128}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as config.json, printed at the start.
+
+    None means "pick by device" (GPU_DEFAULTS / CPU_DEFAULTS) or "derive" (out, densify).
+    """
+
+    store: str
+    subject: str
+    out: str | None = None  # default runs/{subject}-{aug}
+    aug: str = "raf"  # raf | vanilla | noise
+    p: float = 0.5  # swap probability (paper: 0.5)
+    topk: int = 1  # raf: uniform over the k nearest (paper ablation: 5)
+    noise_std: float = 0.08  # noise baseline
+    bank: str = "full"
+    iters: int | None = None
+    seed: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+    backend: str = "auto"  # renderer: auto | gsplat | torch
+    batch_size: int = 1
+    workers: int | None = None  # DataLoader processes (None: cores - 1)
+    cameras: tuple[str, ...] | None = None
+    resolution: int | None = None  # longest image side rendered (images are resized to it)
+    num_gaussians: int | None = None
+    mlp_width: int | None = None
+    lr_net: float = 1e-4  # paper: Adam 1e-4 for the networks
+    lr_preset: str = "3dgs"  # per-Gaussian learning rates, see GaussianHeadAvatar.param_groups
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    log_every: int = 10
+    preview_every: int = 100
+    checkpoint_every: int = 1000
+    hull_views: int = 16  # views carved for the initial point cloud
+    loss: LossConfig = field(default_factory=LossConfig)
+    densify: DensifyConfig | None = None  # None: the 30k-step schedule scaled to iters
+
+    def resolved(self, device: torch.device) -> TrainConfig:
+        """A copy with every None filled in for ``device``."""
+        base = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+        cfg = replace(self, **{k: v for k, v in base.items() if getattr(self, k) is None})
+        if cfg.out is None:
+            cfg = replace(cfg, out=str(Path("runs") / f"{cfg.subject}-{cfg.aug}"))
+        if cfg.densify is None:
+            # On a CPU growth must stay within what the rasterizer handles in a step.
+            cap = 3 * cfg.num_gaussians if device.type != "cuda" else None
+            cfg = replace(cfg, densify=DensifyConfig.for_iters(cfg.iters, seed=cfg.seed,
+                                                               max_gaussians=cap))
+        return cfg
+
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(mode=self.aug, p=self.p, topk=self.topk, noise_std=self.noise_std,
+                             bank=self.bank, seed=self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cameras"] = list(self.cameras) if self.cameras else None
+        d["background"] = list(self.background)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["loss"] = LossConfig(**d.get("loss", {}))
+        d["densify"] = DensifyConfig(**d["densify"]) if d.get("densify") else None
+        d["cameras"] = tuple(d["cameras"]) if d.get("cameras") else None
+        d["background"] = tuple(d.get("background", (1.0, 1.0, 1.0)))
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def render_size(image_hw: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(h, w) to render: the store's size scaled so its longest side is ``resolution``."""
+    h, w = image_hw
+    s = min(1.0, resolution / max(h, w))
+    return max(8, round(h * s)), max(8, round(w * s))
+
+
+class Runner:
+    """Builds and runs one training job (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, warn: Callable[[str], None] = print,
+                 resume: bool = False):
+        self.warn = warn
+        try:
+            self.device = select_device(cfg.device)
+        except ValueError as err:
+            raise RafDataError(None, str(err)) from None
+        self.cfg = cfg.resolved(self.device)
+        self.out = Path(self.cfg.out)
+        self._check_out(resume)
+        torch.manual_seed(self.cfg.seed)
+        np.random.seed(self.cfg.seed)
+
+        c = self.cfg
+        self.dataset = SubjectDataset(c.store, c.subject, c.augment(), split="train",
+                                      cameras=c.cameras, seed=c.seed)
+        self.loader = InfiniteLoader(make_loader(self.dataset, batch_size=c.batch_size,
+                                                 workers=c.workers, shuffle=True, seed=c.seed))
+        self.height, self.width = render_size(self.dataset.image_size, c.resolution)
+        self.background = torch.tensor(c.background, dtype=torch.float32, device=self.device)
+        self.loss_fn, self.loss_description = build_loss(c.loss, self.device, warn)
+        self.swaps = SwapStats()
+        self.strategy = SimpleStrategy(c.densify)
+        self.step = 0
+        self.avatar_cfg = AvatarConfig(exp_dim=self.dataset.exp_dim,
+                                       num_gaussians=c.num_gaussians, mlp_width=c.mlp_width)
+        if resume:
+            self._load(self.out / "checkpoints" / "last.pt")
+        else:
+            self.model = GaussianHeadAvatar(self.avatar_cfg, self._initial_cloud()).to(self.device)
+            self.optimizer = torch.optim.Adam(self.model.param_groups(c.lr_net, c.lr_preset),
+                                              eps=1e-15)
+            self._write_config()
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _check_out(self, resume: bool) -> None:
+        started = (self.out / "config.json").exists()
+        if resume and not (self.out / "checkpoints" / "last.pt").exists():
+            raise RafDataError(self.out, "no checkpoints/last.pt to resume from")
+        if not resume and started:
+            raise RafDataError(self.out, "already holds a run; pass --resume to continue it "
+                               "or choose another --out")
+
+    def _initial_cloud(self):
+        """Visual hull from the masks of several views; a head-sized ellipsoid without masks."""
+        c = self.cfg
+        ds = self.dataset
+        rng = np.random.default_rng(c.seed)
+        picks = rng.choice(len(ds), size=min(c.hull_views, len(ds)), replace=False)
+        items = [ds[(0, int(i))] for i in np.sort(picks)]
+        scale = float(np.median([float(it["scale"]) for it in items]))
+        if all(bool(it["has_mask"]) for it in items):
+            views = [HullSample(mask=it["mask"][0], K=it["K"], world_to_cam=it["world_to_cam"],
+                                pose=it["pose"], scale=float(it["scale"]), image=it["image"])
+                     for it in items]
+            try:
+                return init_from_visual_hull(views, c.num_gaussians, seed=c.seed)
+            except ValueError as err:
+                self.warn(f"visual hull failed ({err}); starting from an ellipsoid")
+        else:
+            self.warn("the store has no masks for this subject: starting from a head-sized "
+                      "ellipsoid, and the background will be learned into the avatar")
+        r = canonical_head_radius(scale)
+        t_ref = torch.stack([it["pose"][3:] for it in items]).mean(0)
+        return init_ellipsoid((0.0, 0.0, 0.0), head_ellipsoid_radii(r), c.num_gaussians,
+                              seed=c.seed, head_radius=r, pose_t_ref=t_ref)
+
+    def _write_config(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        info = {"train": self.cfg.to_dict(), "avatar": self.avatar_cfg.to_dict(),
+                "loss": self.loss_description, "device": str(self.device),
+                "render_size": [self.width, self.height], "subject": self.dataset.subject,
+                "train_images": len(self.dataset)}
+        (self.out / "config.json").write_text(json.dumps(info, indent=2))
+
+    # -- one step --------------------------------------------------------------------------
+    def _camera(self, K: torch.Tensor) -> torch.Tensor:
+        """Intrinsics of the render size from those of the stored image size."""
+        h0, w0 = self.dataset.image_size
+        tf = ImageTransform(size=(self.width, self.height))
+        return torch.from_numpy(tf.apply_K(K.numpy(), w0, h0)).float()
+
+    def _target(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,3,h,w) frames on the background colour and (B,1,h,w) masks, at render size."""
+        size = (self.height, self.width)
+        image = F.interpolate(batch["image"], size=size, mode="area")
+        mask = F.interpolate(batch["mask"], size=size, mode="area")
+        bg = self.background.cpu()[None, :, None, None]
+        target = image * mask + bg * (1 - mask)
+        return target.to(self.device), mask.to(self.device)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step on a batch; returns the numbers worth logging."""
+        target, _ = self._target(batch)
+        renders, preds = [], []
+        for b in range(target.shape[0]):
+            g = self.model(batch["exp"][b].to(self.device), batch["pose"][b].to(self.device),
+                           batch["scale"][b].to(self.device))
+            out = render(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"],
+                         batch["world_to_cam"][b].to(self.device),
+                         self._camera(batch["K"][b]).to(self.device), self.width, self.height,
+                         background=self.background, backend=self.cfg.backend)
+            renders.append(out)
+            preds.append(out.image.permute(2, 0, 1))
+        pred = torch.stack(preds)
+        self.strategy.step_pre_backward(renders)
+        loss, parts = self.loss_fn(pred, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        refined = self.strategy.step_post_backward(self.step, self.model, self.optimizer,
+                                                   renders)
+        with torch.no_grad():
+            value = float(psnr(pred.detach().clamp(0, 1), target).mean())
+        self.swaps.update(batch["swapped"])
+        self._last = (pred.detach()[0], target[0])
+        return {**parts, "psnr": value, "gaussians": refined.get("n", self.model.num_gaussians)}
+
+    # -- loop ------------------------------------------------------------------------------
+    def train(self, progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+        """Run until ``cfg.iters``; ``progress(step, logged numbers)`` after each step."""
+        c = self.cfg
+        t0 = time.perf_counter()
+        window: list[dict[str, float]] = []
+        log = (self.out / "metrics.jsonl").open("a")
+        try:
+            while self.step < c.iters:
+                t_data = time.perf_counter()
+                batch = next(self.loader)
+                t_step = time.perf_counter()
+                numbers = self.train_step(batch)
+                t_end = time.perf_counter()
+                self.step += 1
+                numbers.update(data_s=t_step - t_data, step_s=t_end - t_step)
+                window.append(numbers)
+                if self.step % c.log_every == 0 or self.step == c.iters:
+                    row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    row.update(step=self.step, swap_rate=self.swaps.pop_window(),
+                               swap_rate_total=self.swaps.rate, time=time.perf_counter() - t0)
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    window = []
+                if progress is not None:
+                    progress(self.step, {**numbers, "swap_rate": self.swaps.rate})
+                if self.step % c.preview_every == 0 or self.step == c.iters:
+                    self.save_preview()
+                if self.step % c.checkpoint_every == 0 or self.step == c.iters:
+                    self.save_checkpoint()
+        finally:
+            log.close()
+        summary = {"steps": self.step, "seconds": time.perf_counter() - t0,
+                   "swap_rate": self.swaps.rate, "gaussians": self.model.num_gaussians}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    # -- outputs ---------------------------------------------------------------------------
+    def save_preview(self) -> Path:
+        pred, target = self._last
+        both = torch.cat([pred, target], dim=2).clamp(0, 1)
+        arr = (both.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        path = self.out / "previews" / f"step_{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path)
+        return path
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly, as tensors and plain values."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "config": json.dumps(self.cfg.to_dict()),
+            "avatar_config": json.dumps(self.avatar_cfg.to_dict()),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "loader": self.loader.state_dict(),
+            "swaps": self.swaps.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        folder = self.out / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.state()
+        tmp = folder / "last.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(folder / "last.pt")  # a crash mid-save never leaves a torn last.pt
+        if self.step % self.cfg.checkpoint_every == 0:
+            torch.save(state, folder / f"step_{self.step:07d}.pt")
+        return folder / "last.pt"
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        saved = TrainConfig.from_dict(json.loads(state["config"]))
+        if saved.iters != self.cfg.iters:  # a longer run is the one change resume allows
+            self.cfg = replace(saved, iters=self.cfg.iters)
+        else:
+            self.cfg = saved
+        self.avatar_cfg = AvatarConfig.from_dict(json.loads(state["avatar_config"]))
+        self.model = GaussianHeadAvatar.from_state_dict(self.avatar_cfg, state["model"])
+        self.model.to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.param_groups(self.cfg.lr_net, self.cfg.lr_preset), eps=1e-15)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy = SimpleStrategy(self.cfg.densify)
+        self.strategy.load_state_dict(state["strategy"])
+        self.loader.load_state_dict(state["loader"])
+        self.swaps.load_state_dict(state["swaps"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents, loaded safely (tensors and plain values only)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RafDataError(path, "no such checkpoint") from None
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise RafDataError(path, f"not a readable rafmodel checkpoint ({err})") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise RafDataError(path, "not a rafmodel checkpoint of a known version")
+    return state
+
+
+def load_avatar(path: str | Path, device: str | torch.device = "cpu") -> GaussianHeadAvatar:
+    """The trained avatar of a checkpoint (for evaluation), in eval mode."""
+    state = load_checkpoint(path)
+    cfg = AvatarConfig.from_dict(json.loads(state["avatar_config"]))
+    model = GaussianHeadAvatar.from_state_dict(cfg, state["model"]).to(device)
+    return model.eval()
+
+
+__all__ = ["CPU_DEFAULTS", "GPU_DEFAULTS", "Runner", "TrainConfig", "load_avatar",
+           "load_checkpoint", "render_size"]
