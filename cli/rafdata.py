@@ -195,12 +195,17 @@ def _print_summary(info: dict) -> None:
 
     if info["banks"]:
         banks = Table(title="banks", title_justify="left")
-        keys = sorted({k for b in info["banks"] for k in b} - {"name"})
-        banks.add_column("name")
-        for k in keys:
-            banks.add_column(k)
+        for col in ("name", "members", "identities", "per id", "k", "index", "recall@1",
+                    "recall@k", "build s"):
+            banks.add_column(col, justify="left" if col in ("name", "index") else "right")
         for b in info["banks"]:
-            banks.add_row(b["name"], *(str(b.get(k, "")) for k in keys))
+            index = "exact" if b.get("exact") else (
+                f"HNSW M={b.get('M')} efc={b.get('ef_construction')} ef={b.get('ef')}")
+            banks.add_row(
+                b["name"], str(b.get("members", "")), str(len(b.get("identities", []))),
+                str(b.get("frames_per_id", "")), str(b.get("k", "")), index,
+                _fmt(b.get("neighbors_recall_at_1")), _fmt(b.get("neighbors_recall_at_k")),
+                _fmt(b.get("build_seconds"), 1))
         console.print(banks)
 
     if "verify" in info:
@@ -210,6 +215,10 @@ def _print_summary(info: dict) -> None:
         else:
             for p in v["problems"]:
                 console.print(f"[red]violation:[/] {p}", highlight=False)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "" if value is None else f"{float(value):.{digits}f}"
 
 
 def _human(n: int) -> str:

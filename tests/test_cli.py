@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -94,3 +95,27 @@ def test_rafmodel_env(runner):
     assert info["renderer"] in ("torch", "gsplat") and info["device"] in ("cpu", "cuda")
     if not info["cuda_available"]:
         assert runner.invoke(rafmodel, ["env", "--device", "cuda"]).exit_code == 2
+
+
+def test_inspect_shows_banks_and_verifies_them(runner, bfm_store, tmp_path):
+    import shutil
+
+    from rafdata.bank import BankConfig, build_bank
+
+    path = tmp_path / "banked.h5"
+    shutil.copy(bfm_store, path)
+    build_bank(path, BankConfig(k=4, threads=1))
+    res = runner.invoke(rafdata, ["inspect", str(path), "--json", "--verify", "--quiet"])
+    info = json.loads(res.stdout)
+    assert res.exit_code == 0 and info["verify"]["ok"]
+    (bank,) = info["banks"]
+    assert bank["name"] == "full" and bank["members"] == 12 and bank["k"] == 4
+    assert bank["neighbors_recall_at_k"] == 1.0
+    table = runner.invoke(rafdata, ["inspect", str(path)]).output
+    assert "banks" in table and "full" in table
+    with h5py.File(path, "r+") as f:  # a same-identity neighbour breaks the contract
+        t0_identity = f["timesteps/identity"][0]
+        same = int(np.flatnonzero(f["timesteps/identity"][:] == t0_identity)[1])
+        f["banks/full/neighbors/index"][0, 0] = same
+    res = runner.invoke(rafdata, ["inspect", str(path), "--verify", "--quiet"])
+    assert res.exit_code == 1 and "same identity" in res.output
