@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-from common import ROOT, SCRATCH, synth_dataset, table, timed
+from common import ROOT, SCRATCH, table, timed, video_dataset
 
 
 def _decode_alone(src) -> int:
@@ -90,13 +90,7 @@ def _rss_trace(src, work, passes: int = 3) -> list[list[str]]:
 
 
 def run(quick: bool = False) -> str:
-    frames = 20 if quick else 40
-    size = 256 if quick else 512
-    src = synth_dataset(
-        f"ingest-{size}-{frames}", participants=("388", "422"), frame_step=1,
-        sequences=("EXP-1-head", "FREE"), cameras=("222200037", "222200038", "222200039"),
-        frames=frames, width=size, height=size,
-    )
+    src, size, _ = video_dataset(quick)
     work = SCRATCH / "ingest-out"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

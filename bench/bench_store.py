@@ -11,7 +11,7 @@ import io
 import sys
 
 import numpy as np
-from common import SCRATCH, synth_dataset, table, timed
+from common import SCRATCH, table, timed, video_dataset
 from PIL import Image
 
 
@@ -19,13 +19,7 @@ def _frames(quick: bool) -> np.ndarray:
     """Decoded 512x512 frames of the synthetic dataset, (N, H, W, 3) uint8."""
     from rafdata.video import read_frames
 
-    size = 256 if quick else 512
-    frames = 20 if quick else 40
-    src = synth_dataset(
-        f"ingest-{size}-{frames}", participants=("388", "422"), frame_step=1,
-        sequences=("EXP-1-head", "FREE"), cameras=("222200037", "222200038", "222200039"),
-        frames=frames, width=size, height=size,
-    )
+    src, _, frames = video_dataset(quick)
     out = []
     for path in sorted(src.glob("*/sequences/*/images/cam_*.mp4"))[:4]:
         out += list(read_frames(path, np.arange(frames)))

@@ -45,3 +45,17 @@ def synth_dataset(name: str, **overrides) -> Path:
     cfg = SynthConfig(**overrides)
     write_dataset(out, cfg)
     return out
+
+
+def video_dataset(quick: bool) -> tuple[Path, int, int]:
+    """The ingest/store benchmark data: 2 ids x 2 sequences x 3 cameras of square video.
+
+    Returns (root, image side, frames per sequence): 512 px and 40 frames, or 256 and 20 quick.
+    """
+    size, frames = (256, 20) if quick else (512, 40)
+    src = synth_dataset(
+        f"ingest-{size}-{frames}", participants=("388", "422"), frame_step=1,
+        sequences=("EXP-1-head", "FREE"), cameras=("222200037", "222200038", "222200039"),
+        frames=frames, width=size, height=size,
+    )
+    return src, size, frames

@@ -117,5 +117,11 @@ def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, see
                       f"swap rate {summary['swap_rate']:.3f}; outputs in {runner.out}")
 
 
+# Commands that live in their own modules (one module per area of the trainer).
+from cli.rafmodel_regressor import fit_regressor  # noqa: E402
+
+main.add_command(fit_regressor)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,102 @@
+"""`rafmodel eval` and `rafmodel compare`: thin front ends of rafmodel.evaluate and
+rafmodel.compare. Register both on the `rafmodel` group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from cli.common import split_list
+from rafdata.errors import RafDataError
+
+
+def _fmt(v: object) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@click.command("eval")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help="Output folder [default: RUN/eval for one run, PARENT/eval for several].")
+@click.option("--cameras", default=None,
+              help="Camera serials for self-driving (comma separated); the first is also the "
+                   "cross-driving camera [default: all; cross: 222200037 or the first].")
+@click.option("--drivers", default=None,
+              help="Driver identities (comma separated) [default: all others with held-out "
+                   "data].")
+@click.option("--frames", type=click.IntRange(min=1), default=None,
+              help="At most N timesteps per held-out sequence, evenly spaced [default: all].")
+@click.option("--regressor", default=None,
+              help="Coefficient regressor for AED/APD: a checkpoint PATH or module:factory.")
+@click.option("--emotion", default=None,
+              help="Feature extractor (module:factory) for emotion similarity.")
+@click.option("--vgg-weights", default=None, type=click.Path(path_type=Path),
+              help="torchvision VGG16 ImageNet checkpoint for LPIPS [default: torch cache].")
+@click.option("--synth-root", default=None, type=click.Path(path_type=Path),
+              help="The rafdata synth folder, if the store lacks the generator manifest.")
+@click.option("--no-videos", is_flag=True, help="Skip the mp4 videos and the PNG grid.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
+@click.option("--quiet", is_flag=True, help="No progress bars (warnings still printed).")
+def eval_command(paths, out, cameras, drivers, frames, regressor, emotion, vgg_weights,
+                 synth_root, no_videos, device, quiet):
+    """Self- and cross-driving metrics, videos and a grid for RUN... on STORE.
+
+    PATHS: one or more run folders (or checkpoints) followed by the store, e.g.
+    `rafmodel eval runs/388-vanilla runs/388-noise runs/388-raf store.h5`.
+    """
+    from rafdata.progress import RichProgress
+    from rafmodel.evaluate import EvalConfig, evaluate
+
+    if len(paths) < 2:
+        raise RafDataError(None, "give at least one RUN and the STORE (the last argument)")
+    *runs, store = paths
+    cfg = EvalConfig(out=None if out is None else str(out), cameras=split_list(cameras),
+                     drivers=split_list(drivers), frames=frames, regressor=regressor,
+                     emotion=emotion, vgg_weights=None if vgg_weights is None
+                     else str(vgg_weights), synth_root=None if synth_root is None
+                     else str(synth_root), device=device, videos=not no_videos)
+    with RichProgress(quiet=quiet) as progress:
+        summary = evaluate(runs, store, cfg, progress)
+    console = Console()
+    for r in summary["runs"]:
+        console.print(f"[bold]{r['label']}[/] (subject {r['subject']}, {r['run']})",
+                      highlight=False)
+        for section in ("self", "cross"):
+            mean = r.get(section) or {}
+            shown = {k: v for k, v in mean.items() if not k.endswith("_full")}
+            console.print(f"  {section}: " + ", ".join(f"{k} {_fmt(v)}"
+                                                       for k, v in shown.items()),
+                          highlight=False)
+    console.print("[bold]computed with[/]")
+    for k, v in summary["computed_with"].items():
+        console.print(f"  {k}: {v}", highlight=False, soft_wrap=True)
+    for note in summary["notes"]:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"written to {summary['out']} (metrics.json, summary.json, "
+                  f"{len(summary['videos'])} video(s), {len(summary['grids'])} grid(s))",
+                  highlight=False)
+
+
+@click.command("compare")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "json_path", default=None, type=click.Path(path_type=Path),
+              help="Write the table as JSON here.")
+@click.option("--csv", "csv_path", default=None, type=click.Path(path_type=Path),
+              help="Write the table as CSV here.")
+@click.option("--by", type=click.Choice(["method", "run"]), default="method",
+              show_default=True, help="One row per method (averaged) or per run.")
+def compare_command(paths, json_path, csv_path, by):
+    """Table 2: methods as rows, self/cross-driving metrics as columns, best in bold.
+
+    PATHS: metrics.json files, run folders or eval folders (searched for metrics.json).
+    """
+    from rafmodel.compare import compare, format_table, write_csv, write_json
+
+    rows = compare(paths, by=by)
+    click.echo(format_table(rows))
+    if json_path is not None:
+        click.echo(f"wrote {write_json(rows, json_path)}")
+    if csv_path is not None:
+        click.echo(f"wrote {write_csv(rows, csv_path)}")

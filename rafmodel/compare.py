@@ -1,0 +1,182 @@
+"""The paper's Table 2 from ``rafmodel eval`` outputs: methods as rows, metrics as columns.
+
+``compare(paths)`` reads ``metrics.json`` files (given directly, or found anywhere under the
+given folders: a run folder holds ``eval/metrics.json``, a multi-run eval folder holds one per
+run), groups them by method (the run's aug, plus top-k / bank / p when not the defaults),
+averages each metric over the runs of a method (e.g. over subjects, as the paper does) and
+marks the best value per column: higher is better for PSNR, SSIM and emotion similarity,
+lower for LPIPS, AED, APD and coefficient errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rafdata.errors import RafDataError
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: ``key`` in the rows, its header, where it is read, its direction."""
+
+    key: str
+    header: str
+    section: str  # "self" or "cross"
+    metric: str  # key in the section's "mean"
+    higher_is_better: bool
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("self_psnr", "self PSNR", "self", "psnr", True),
+    Column("self_ssim", "self SSIM", "self", "ssim", True),
+    Column("self_lpips", "self LPIPS", "self", "lpips", False),
+    Column("cross_aed", "cross AED", "cross", "aed", False),
+    Column("cross_apd", "cross APD", "cross", "apd", False),
+    Column("cross_emotion", "cross emo sim", "cross", "emotion_sim", True),
+    Column("cross_gt_psnr", "cross GT PSNR", "cross", "gt_psnr", True),
+    Column("cross_gt_ssim", "cross GT SSIM", "cross", "gt_ssim", True),
+    Column("cross_gt_lpips", "cross GT LPIPS", "cross", "gt_lpips", False),
+    Column("cross_readback_exp", "cross exp err", "cross", "readback_exp_l1", False),
+)
+
+
+def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
+    """metrics.json files: the given files, and every one found under the given folders."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            hits = sorted(p.rglob("metrics.json"))
+            if not hits:
+                raise RafDataError(p, "no metrics.json under this folder (run rafmodel eval)")
+            found += hits
+        else:
+            raise RafDataError(p, "no such file or folder")
+    seen: dict[Path, None] = {}
+    for f in found:
+        seen.setdefault(f.resolve(), None)
+    return list(seen)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RafDataError(path, f"unreadable metrics file ({err})") from None
+    if not isinstance(doc, dict) or "method" not in doc:
+        raise RafDataError(path, "not a metrics.json written by rafmodel eval")
+    return doc
+
+
+def _value(doc: dict[str, Any], col: Column) -> float | None:
+    v = (doc.get(col.section) or {}).get("mean", {}) or {}
+    x = v.get(col.metric)
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def compare(paths: Sequence[str | Path], by: str = "method") -> list[dict[str, Any]]:
+    """Table rows, one per method (``by="method"``) or per run (``by="run"``).
+
+    Each row: ``method``, ``runs`` (count), ``subjects`` (list), and every column key of
+    :data:`COLUMNS` (mean over the method's runs; None where no run has the metric).
+    """
+    from rafmodel.evaluate import method_label
+
+    if by not in ("method", "run"):
+        raise ValueError(f"by must be 'method' or 'run', not {by!r}")
+    docs = [(p, _load(p)) for p in find_metrics(paths)]
+    if not docs:
+        raise RafDataError(None, "no metrics files given")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p, doc in docs:
+        key = method_label(doc["method"]) if by == "method" else \
+            f"{doc.get('label', '?')} [{doc.get('subject', '?')}] ({p.parent.name})"
+        groups.setdefault(key, []).append(doc)
+    rows = []
+    for key, group in groups.items():
+        row: dict[str, Any] = {"method": key, "runs": len(group),
+                               "subjects": sorted({str(d.get("subject")) for d in group})}
+        for col in COLUMNS:
+            vals = [v for v in (_value(d, col) for d in group) if v is not None]
+            row[col.key] = sum(vals) / len(vals) if vals else None
+        rows.append(row)
+    return rows
+
+
+def present_columns(rows: Sequence[dict[str, Any]]) -> list[Column]:
+    """The columns at least one row has a value for."""
+    return [c for c in COLUMNS if any(r.get(c.key) is not None for r in rows)]
+
+
+def best(rows: Sequence[dict[str, Any]], col: Column) -> float | None:
+    """The best value of a column (max or min by its direction); None when it is empty."""
+    vals = [r[col.key] for r in rows if r.get(col.key) is not None]
+    if not vals:
+        return None
+    return max(vals) if col.higher_is_better else min(vals)
+
+
+def format_table(rows: Sequence[dict[str, Any]], digits: int = 3) -> str:
+    """A Markdown table (methods as rows), the best value per column in **bold**.
+
+    Ties are all bold. Arrows in the header say which direction is better.
+    """
+    cols = present_columns(rows)
+    head = ["method", "runs"] + [f"{c.header} {'↑' if c.higher_is_better else '↓'}"
+                                 for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    tops = {c.key: best(rows, c) for c in cols}
+    for r in rows:
+        cells = [str(r["method"]), str(r["runs"])]
+        for c in cols:
+            v = r.get(c.key)
+            if v is None:
+                cells.append("-")
+                continue
+            text = f"{v:.{digits}f}"
+            top = tops[c.key]
+            cells.append(f"**{text}**" if top is not None and
+                         f"{top:.{digits}f}" == text else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Rows, the columns shown, their directions and the best method per column."""
+    cols = present_columns(rows)
+    doc = {
+        "columns": [{"key": c.key, "header": c.header, "higher_is_better": c.higher_is_better}
+                    for c in cols],
+        "rows": list(rows),
+        "best": {c.key: [r["method"] for r in rows if r.get(c.key) is not None
+                         and r[c.key] == best(rows, c)] for c in cols},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One line per method: method, runs, subjects (``;``-joined) and the columns shown."""
+    cols = present_columns(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "runs", "subjects"] + [c.key for c in cols])
+        for r in rows:
+            w.writerow([r["method"], r["runs"], ";".join(r["subjects"])] +
+                       ["" if r.get(c.key) is None else f"{r[c.key]:.6g}" for c in cols])
+    return path
+
+
+__all__ = ["COLUMNS", "Column", "best", "compare", "find_metrics", "format_table",
+           "present_columns", "write_csv", "write_json"]
