@@ -118,8 +118,11 @@ def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, see
 
 
 # Commands that live in their own modules (one module per area of the trainer).
+from cli.rafmodel_eval import compare_command, eval_command  # noqa: E402
 from cli.rafmodel_regressor import fit_regressor  # noqa: E402
 
+main.add_command(eval_command)
+main.add_command(compare_command)
 main.add_command(fit_regressor)
 
 

@@ -106,6 +106,19 @@ def compression_options(name: str, checksum: bool = True) -> dict[str, Any]:
     return opts
 
 
+def _blosc_for_threads() -> None:
+    """Set python-blosc up for use from many threads (process-wide, idempotent).
+
+    Parallelism comes from encoding or reading several images at once in separate threads, so
+    blosc's own thread pool would only oversubscribe the cores; and python-blosc holds the GIL
+    while it (de)compresses unless told otherwise, which would serialise those threads.
+    """
+    import blosc
+
+    blosc.set_nthreads(1)
+    blosc.set_releasegil(True)
+
+
 @dataclass(frozen=True)
 class EncodedImage:
     """An image ready for the writer: its chunk bytes (Blosc codecs) or the array itself.
@@ -133,11 +146,8 @@ class ImageCodec:
         self.name = name
         self.direct = direct and name in _BLOSC
         if self.direct:
-            import blosc
 
-            # Parallelism comes from encoding several images at once in decoding threads;
-            # blosc's own thread pool would only oversubscribe the cores.
-            blosc.set_nthreads(1)
+            _blosc_for_threads()
 
     def encode(self, image: np.ndarray) -> EncodedImage:
         """Checksum and (for Blosc codecs) compress one uint8 image; thread-safe."""
@@ -384,6 +394,8 @@ class Store:
         self.image_camera = im["camera"][:n]
         self.image_has_mask = im["has_mask"][:n]
         self._blosc = "rgb" in im and blosc_only(im["rgb"])
+        if self._blosc:
+            _blosc_for_threads()  # DataLoader workers read in parallel
         self.image_size: tuple[int, int] | None = (
             (int(im["rgb"].shape[1]), int(im["rgb"].shape[2])) if "rgb" in im else None
         )  # (H, W)
