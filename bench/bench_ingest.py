@@ -31,7 +31,8 @@ _PEAK = """
 import json, resource, sys
 sys.path.insert(0, {root!r})
 from rafdata.ingest import IngestConfig, ingest
-r = ingest({src!r}, {out!r}, IngestConfig(workers={workers}, participants={pids!r}))
+r = ingest({src!r}, {out!r}, IngestConfig(workers={workers}, participants={pids!r},
+                                          compression={compression!r}))
 print(json.dumps({{"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "images": r.images, "seconds": r.seconds}}))
 """
@@ -64,10 +65,11 @@ print(json.dumps({{"samples": trace.samples, "images": total}}))
 """
 
 
-def _ingest_subprocess(src, out, workers: int, pids=None) -> dict:
+def _ingest_subprocess(src, out, workers: int, pids=None, compression="blosc-lz4") -> dict:
     if out.exists():
         out.unlink()
-    code = _PEAK.format(root=str(ROOT), src=str(src), out=str(out), workers=workers, pids=pids)
+    code = _PEAK.format(root=str(ROOT), src=str(src), out=str(out), workers=workers, pids=pids,
+                        compression=compression)
     return _run_json(code)
 
 
@@ -98,6 +100,7 @@ def run(quick: bool = False) -> str:
     t_dec, n_dec = timed(lambda: _decode_alone(src))
     one = _ingest_subprocess(src, work / "w1.h5", workers=1)
     two = _ingest_subprocess(src, work / "w2.h5", workers=2)
+    raw = _ingest_subprocess(src, work / "raw.h5", workers=2, compression="none")
     n_img = one["images"]
     rows = [
         ["decord alone, 1 thread (colour + alpha videos)", f"{n_dec}", f"{t_dec:.2f}",
@@ -106,6 +109,8 @@ def run(quick: bool = False) -> str:
          f"{n_img / one['seconds']:.0f}", f"{one['seconds'] / t_dec:.2f}"],
         ["ingest, --workers 2", f"{n_img}", f"{two['seconds']:.2f}",
          f"{n_img / two['seconds']:.0f}", f"{two['seconds'] / t_dec:.2f}"],
+        ["ingest, --workers 2 --compression none", f"{n_img}", f"{raw['seconds']:.2f}",
+         f"{n_img / raw['seconds']:.0f}", f"{raw['seconds'] / t_dec:.2f}"],
     ]
     mem = _rss_trace(src, work)
     return "\n\n".join([

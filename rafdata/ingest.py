@@ -19,7 +19,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,8 +34,7 @@ from rafdata.sources import open_source
 from rafdata.sources.base import CameraCalib, SequenceSource, SourceOptions, Tracking
 from rafdata.store import DEFAULT_COMPRESSION, StoreWriter, identity_matches
 
-IMAGE_BATCH = 4  # images handed to the writer at once: bounds memory at full resolution
-QUEUE_DEPTH = 8  # decoded frames buffered per camera ahead of the writer
+QUEUE_DEPTH = 4  # encoded frames buffered per decoding thread ahead of the writer
 
 
 def default_workers() -> int:
@@ -253,89 +252,88 @@ def _write_sequence(
 
 
 def _write_images(sw, seq, cams, frames, rows, cfg, progress) -> int:
-    """Decode cameras in parallel threads, write them in camera order from this thread."""
+    """Decode cameras in parallel threads; this thread writes whatever is ready.
+
+    Every (camera, frame) has a reserved slot (camera-major), so the rows of the store do not
+    depend on which thread finishes first, while one shared, bounded queue keeps all decoding
+    threads busy and memory bounded by a few frames per thread.
+    """
+    if not cams:  # coefficients only
+        return 0
     transform = ImageTransform(cfg.crop, cfg.size)
+    sizes = [seq.frame_size(c.serial) for c in cams]
+    out_sizes = {transform.output_size(w, h) for w, h in sizes}
+    if len(out_sizes) > 1:
+        raise SourceError(seq.path, "cameras have different frame sizes "
+                          f"({', '.join(f'{w}x{h}' for w, h in sorted(set(sizes)))}); "
+                          "pass --size W H to store them at one size")
+    ((out_w, out_h),) = out_sizes
+    cam_rows = [sw.camera(c.serial, transform.apply_K(c.K, *size), c.world_to_cam)
+                for c, size in zip(cams, sizes, strict=True)]
+    n = len(frames)
+    first = sw.n_images
+    sw.reserve_images(len(cams) * n, out_h, out_w)
+    workers = max(1, min(cfg.workers, len(cams)))
     stop = threading.Event()
-    queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in cams]
-    written = 0
-    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-        for cam, q in zip(cams, queues, strict=True):
-            pool.submit(_produce, seq, cam, frames, transform, cfg.color_correct, sw.w.codec,
-                        q, stop)
+    q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH * workers)
+    delivered = [0] * len(cams)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for ci, cam in enumerate(cams):
+            pool.submit(_produce, ci, seq, cam, frames, transform, cfg.color_correct,
+                        sw.w.codec, q, stop)
         try:
-            for cam, q in zip(cams, queues, strict=True):
-                cam_row = None
-                i = -1
-                batch: list = []
-                for i, (rgb, mask, src_size) in enumerate(_consume(q, cam)):
-                    if cam_row is None:
-                        K = transform.apply_K(cam.K, *src_size)
-                        cam_row = sw.camera(cam.serial, K, cam.world_to_cam)
-                    batch.append((rows[i], rgb, mask))
-                    if len(batch) == IMAGE_BATCH:
-                        written += _flush(sw, batch, cam_row)
-                        progress.advance(len(batch))
-                        batch = []
-                if batch:
-                    written += _flush(sw, batch, cam_row)
-                    progress.advance(len(batch))
-                if cam_row is None or i + 1 != len(frames):
-                    raise _CameraFailed(cam.serial, SourceError(
-                        seq.path, f"camera {cam.serial} gave fewer frames than its tracking"))
+            running = len(cams)
+            while running:
+                ci, fi, item = q.get()
+                if item is _DONE:
+                    running -= 1
+                    if delivered[ci] != n:
+                        raise _CameraFailed(cams[ci].serial, SourceError(
+                            seq.path, f"camera {cams[ci].serial} gave {delivered[ci]} frames, "
+                            f"its tracking has {n}"))
+                    continue
+                if isinstance(item, SourceError):
+                    raise _CameraFailed(cams[ci].serial, item)
+                if isinstance(item, BaseException):
+                    raise item
+                rgb, mask = item
+                sw.put_image(first + ci * n + fi, rgb, mask, int(rows[fi]), cam_rows[ci])
+                delivered[ci] += 1
+                progress.advance()
         finally:
             stop.set()
-    return written
-
-
-def _flush(sw, batch, cam_row) -> int:
-    """Hand a batch of (timestep row, encoded rgb, encoded mask or None) to the writer."""
-    masks = [b[2] for b in batch]
-    sw.add_images([b[1] for b in batch], None if any(m is None for m in masks) else masks,
-                  [b[0] for b in batch], cam_row)
-    return len(batch)
+    return len(cams) * n
 
 
 _DONE = object()
 
 
-def _produce(seq, cam, frames, transform, correct, codec, q, stop) -> None:
-    """Decode, transform and encode one camera into its queue, then put _DONE.
+def _produce(ci, seq, cam, frames, transform, correct, codec, q, stop) -> None:
+    """Decode, transform and encode one camera into the shared queue, then put _DONE.
 
-    Items are (encoded rgb, encoded mask or None, (src_w, src_h)). Compression happens here,
-    in parallel threads, so the single writer thread only copies chunk bytes.
+    Items are (camera index, frame index, (encoded rgb, encoded mask or None)), or an
+    exception in place of the pair. Compression happens here, in parallel threads, so the
+    single writer thread only copies chunk bytes.
     """
 
-    def put(item) -> bool:
+    def put(fi, item) -> bool:
         while not stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                q.put((ci, fi, item), timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
     try:
-        for frame in seq.read_frames(cam.serial, frames):
-            h, w = frame.rgb.shape[:2]
+        for fi, frame in enumerate(seq.read_frames(cam.serial, frames)):
             rgb = frame.rgb
             if correct and cam.color is not None:
                 rgb = color_correct(rgb, cam.color)
             rgb = codec.encode(transform.apply(rgb))
             mask = None if frame.mask is None else codec.encode(transform.apply(frame.mask))
-            if not put((rgb, mask, (w, h))):
+            if not put(fi, (rgb, mask)):
                 return
-        put(_DONE)
+        put(-1, _DONE)
     except BaseException as err:  # handed to the writer thread, which decides
-        put(err)
-
-
-def _consume(q: queue.Queue, cam: CameraCalib) -> Iterator[tuple]:
-    while True:
-        item = q.get()
-        if item is _DONE:
-            return
-        if isinstance(item, SourceError):
-            raise _CameraFailed(cam.serial, item)
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+        put(-1, err)

@@ -692,6 +692,39 @@ def _write_chunk(ds: h5py.Dataset, row: int, image: EncodedImage) -> None:
         ds[row] = image.array
 
 
+class _ImageColumns:
+    """Growable per-slot image columns (timestep, camera, has_mask, crc, mask_crc)."""
+
+    def __init__(self, n: int):
+        self.cols = {
+            "timestep": np.full(n, -1, np.int64),
+            "camera": np.zeros(n, np.int32),
+            "has_mask": np.zeros(n, bool),
+            "crc": np.zeros(n, np.uint32),
+            "mask_crc": np.zeros(n, np.uint32),
+        }
+
+    def grow(self, n: int) -> None:
+        old = len(self.cols["timestep"])
+        if n <= old:
+            return
+        new = _ImageColumns(max(n, 2 * old))
+        for k, v in self.cols.items():
+            new.cols[k][:old] = v
+        self.cols = new.cols
+
+    def set(self, slot: int, timestep: int, camera: int, crc: int, mask_crc: int | None) -> None:
+        c = self.cols
+        c["timestep"][slot] = timestep
+        c["camera"][slot] = camera
+        c["crc"][slot] = crc
+        c["has_mask"][slot] = mask_crc is not None
+        c["mask_crc"][slot] = mask_crc or 0
+
+    def view(self, n: int) -> dict[str, np.ndarray]:
+        return {k: v[:n] for k, v in self.cols.items()}
+
+
 class SequenceWriter:
     """Rows of one sequence being written; see :meth:`StoreWriter.sequence`."""
 
@@ -711,14 +744,11 @@ class SequenceWriter:
         self.image_start = int(self.f["images"].attrs["rows"])
         self.n_timesteps = 0
         self.n_images = 0
-        # Per-image columns are kept here and written once at commit.
+        # Per-image columns of this sequence, indexed by slot (row - image_start); written
+        # once at commit. timestep -1 marks a slot not filled yet.
         self._rgb: h5py.Dataset | None = None
         self._mask: h5py.Dataset | None = None
-        self._image_timestep: list[int] = []
-        self._image_camera: list[int] = []
-        self._image_has_mask: list[bool] = []
-        self._image_crc: list[int] = []
-        self._image_mask_crc: list[int] = []
+        self._meta = _ImageColumns(0)
 
     def add_timesteps(
         self,
@@ -797,6 +827,34 @@ class SequenceWriter:
                           dtype=np.uint8, chunks=(1, height, width), fillvalue=0, **opts)
         im.attrs["compression"] = self.w.compression
 
+    def reserve_images(self, n: int, height: int, width: int) -> None:
+        """Make room for ``n`` more image slots of size (height, width).
+
+        Slots can then be filled in any order with :meth:`put_image`; rows keep slot order,
+        so parallel producers give the same store as a sequential run.
+        """
+        if self._rgb is None or self._rgb.shape[1:3] != (height, width):
+            self._image_datasets(height, width)  # creates them, or raises on a size mismatch
+            self._rgb, self._mask = self.f["images/rgb"], self.f["images/mask"]
+        total = self.n_images + n
+        for ds in (self._rgb, self._mask):
+            if ds.shape[0] < self.image_start + total:
+                # grow in steps: each resize touches HDF5 metadata
+                ds.resize(self.image_start + total + 64, axis=0)
+        self._meta.grow(total)
+        self.n_images = total
+
+    def put_image(self, slot: int, rgb: EncodedImage, mask: EncodedImage | None,
+                  timestep: int, camera: int) -> None:
+        """Fill reserved slot ``slot`` (0-based within this sequence) with one image."""
+        if not 0 <= slot < self.n_images:
+            raise IndexError(f"image slot {slot} not reserved ({self.n_images} are)")
+        row = self.image_start + slot
+        _write_chunk(self._rgb, row, rgb)
+        if mask is not None:
+            _write_chunk(self._mask, row, mask)
+        self._meta.set(slot, timestep, camera, rgb.crc, None if mask is None else mask.crc)
+
     def add_images(
         self,
         rgb: np.ndarray | Sequence[EncodedImage],
@@ -806,7 +864,7 @@ class SequenceWriter:
     ) -> None:
         """Append a batch of B images of one camera.
 
-        rgb: (B,H,W,3) uint8 or B EncodedImages from ``self.codec``; mask: (B,H,W) uint8, B
+        rgb: (B,H,W,3) uint8 or B EncodedImages from ``self.w.codec``; mask: (B,H,W) uint8, B
         EncodedImages, or None where the source has no matte.
         """
         codec = self.w.codec
@@ -814,39 +872,25 @@ class SequenceWriter:
             rgb = [codec.encode(im) for im in rgb]
         if isinstance(mask, np.ndarray):
             mask = [codec.encode(m) for m in mask]
-        b = len(rgb)
-        h, w = rgb[0].shape[:2]
-        if self._rgb is None or self._rgb.shape[1:3] != (h, w):
-            self._image_datasets(h, w)  # creates them, or raises on a size mismatch
-            self._rgb, self._mask = self.f["images/rgb"], self.f["images/mask"]
-        end = self.image_start + self.n_images + b
-        if self._rgb.shape[0] < end:  # grow in steps: each resize touches HDF5 metadata
-            for ds in (self._rgb, self._mask):
-                ds.resize(end + 64, axis=0)
-        first = self.image_start + self.n_images
-        for i in range(b):  # one chunk per image
-            _write_chunk(self._rgb, first + i, rgb[i])
-            if mask is not None:
-                _write_chunk(self._mask, first + i, mask[i])
-        self._image_timestep.extend(int(t) for t in timesteps)
-        self._image_camera.extend([camera] * b)
-        self._image_has_mask.extend([mask is not None] * b)
-        self._image_crc.extend(e.crc for e in rgb)
-        self._image_mask_crc.extend([e.crc for e in mask] if mask is not None else [0] * b)
-        self.n_images += b
+        first = self.n_images
+        self.reserve_images(len(rgb), *rgb[0].shape[:2])
+        for i, t in enumerate(timesteps):
+            self.put_image(first + i, rgb[i], None if mask is None else mask[i], int(t), camera)
 
     def _commit(self) -> None:
         f = self.f
         if self.n_images:
+            meta = self._meta.view(self.n_images)
+            empty = np.flatnonzero(meta["timestep"] < 0)
+            if empty.size:
+                raise StoreError(self.w.path, f"{empty.size} reserved image slots of sequence "
+                                 f"{self.name} were never written (first: slot {empty[0]})")
             end = self.image_start + self.n_images
             for ds in (self._rgb, self._mask):
                 ds.resize(end, axis=0)
             im = f["images"]
-            _append(im["timestep"], np.asarray(self._image_timestep, np.int64))
-            _append(im["camera"], np.asarray(self._image_camera, np.int32))
-            _append(im["has_mask"], np.asarray(self._image_has_mask, bool))
-            _append(im["crc"], np.asarray(self._image_crc, np.uint32))
-            _append(im["mask_crc"], np.asarray(self._image_mask_crc, np.uint32))
+            for name, values in meta.items():
+                _append(im[name], values)
         s = f["sequences"]
         for name, value in (
             ("name", np.array([self.name], dtype=object)),

@@ -11,7 +11,6 @@ import av
 import numpy as np
 import pytest
 
-import rafdata.ingest as ingest_mod
 from rafdata.errors import FrameCountError, SourceError, StoreError
 from rafdata.ingest import IngestConfig, ingest
 from rafdata.inspect import check_invariants, verify
@@ -211,23 +210,25 @@ def test_resume_appends_and_skips(synth_bfm, tmp_path):
 
 def test_crash_mid_sequence_then_rerun_equals_clean_run(synth_bfm, bfm_store, tmp_path,
                                                        monkeypatch):
+    from rafdata.store import SequenceWriter
+
     out = tmp_path / "crash.h5"
-    real_flush = ingest_mod._flush
+    real_put = SequenceWriter.put_image
     calls = {"n": 0}
 
-    def flaky_flush(sw, batch, cam_row):
+    def flaky_put(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:  # inside the third sequence
+        if calls["n"] == 20:  # inside the third sequence (2 x 2 cameras x 4 frames before)
             raise KeyboardInterrupt
-        return real_flush(sw, batch, cam_row)
+        return real_put(self, *args, **kwargs)
 
-    monkeypatch.setattr(ingest_mod, "_flush", flaky_flush)
+    monkeypatch.setattr(SequenceWriter, "put_image", flaky_put)
     with pytest.raises(KeyboardInterrupt):
         ingest(synth_bfm, out, IngestConfig(workers=2))
     with Store(out) as s:
         assert len(s.sequences) == 2  # only complete sequences are visible
         assert s.n_images == 2 * 2 * 4 and check_invariants(s) == []
-    monkeypatch.setattr(ingest_mod, "_flush", real_flush)
+    monkeypatch.setattr(SequenceWriter, "put_image", real_put)
     report = ingest(synth_bfm, out, IngestConfig(workers=2))
     assert len(report.skipped) == 2 and len(report.written) == 4
     with Store(out) as a, Store(bfm_store) as b:

@@ -80,6 +80,10 @@ class SequenceSource(Protocol):
         """
         ...
 
+    def frame_size(self, serial: str) -> tuple[int, int]:
+        """(width, height) in pixels of this camera's source frames, without decoding."""
+        ...
+
     def read_frames(self, serial: str, frames: np.ndarray) -> Iterator[Frame]:
         """Decode the given video frame indices of one camera, in order, one at a time."""
         ...

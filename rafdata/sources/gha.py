@@ -154,6 +154,15 @@ class GhaSequence:
                 raise SourceError(p, f"image missing for camera {serial} at frame {f} "
                                   "(first missing file)")
 
+    def frame_size(self, serial: str) -> tuple[int, int]:
+        """(width, height) of the camera's image in the first tracked frame (header only)."""
+        path = self._image_dir(int(self.tracking().frames[0])) / f"image_{serial}.jpg"
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except OSError as err:
+            raise SourceError(path, f"unreadable image ({err})") from None
+
     def read_frames(self, serial: str, frames: np.ndarray) -> Iterator[Frame]:
         """rgb (H, W, 3) uint8 from the JPEG; mask (H, W) uint8, channel 0 of mask_{serial}.jpg,
         or None where that frame has no mask."""

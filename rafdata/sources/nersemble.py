@@ -267,6 +267,14 @@ class NersembleSequence:
                 f"{self.tracking_path} refers to frame {int(frames.max())}",
             )
 
+    def frame_size(self, serial: str) -> tuple[int, int]:
+        """(width, height) of the camera's video, from its (cached) probe."""
+        vpath = self.video_path(serial)
+        if vpath is None or not vpath.is_file():
+            raise SourceError(vpath or self.path, f"no video for camera {serial}")
+        info = self._probe(vpath)
+        return info.width, info.height
+
     def read_frames(self, serial: str, frames: np.ndarray) -> Iterator[Frame]:
         """Decode frames of one camera: rgb (H, W, 3) uint8, mask (H, W) uint8 or None."""
         vpath = self.video_path(serial)
