@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rafdata coverage $(DEMO)/store.h5 --all --json $(DEMO)/coverage.json
 	$(VENV)/bin/rafdata plot-bank $(DEMO)/store.h5 -o $(DEMO)/bank.png
 	$(VENV)/bin/rafmodel train $(DEMO)/store.h5 --subject 388 --aug raf --iters 300 --out $(DEMO)/run-388-raf
+	$(VENV)/bin/rafmodel eval $(DEMO)/run-388-raf $(DEMO)/store.h5 --frames 6
 
 test: $(STAMP)
 	$(PY) -m pytest -q
