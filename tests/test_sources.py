@@ -10,29 +10,16 @@ import pytest
 from rafdata.errors import FrameCountError, SourceError
 from rafdata.sources import GhaSource, NersembleSource, SourceOptions, open_source
 from rafdata.sources.tracking import read_bfm_params, read_flame_npz
-
-try:
-    from tests.helpers_media import (
-        coded_frames,
-        flame_arrays,
-        frame_colour,
-        truncate,
-        write_bfm_params,
-        write_jpg,
-        write_json,
-        write_mp4,
-    )
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from helpers_media import (
-        coded_frames,
-        flame_arrays,
-        frame_colour,
-        truncate,
-        write_bfm_params,
-        write_jpg,
-        write_json,
-        write_mp4,
-    )
+from tests.helpers_media import (
+    coded_frames,
+    flame_arrays,
+    frame_colour,
+    truncate,
+    write_bfm_params,
+    write_jpg,
+    write_json,
+    write_mp4,
+)
 
 H, W, N = 48, 32, 6  # portrait, like NeRSemble
 SERIALS = ("222200037", "222200038")

@@ -9,17 +9,7 @@ import pytest
 
 from rafdata import video
 from rafdata.errors import FrameCountError, SourceError
-
-try:
-    from tests.helpers_media import (
-        call_with_timeout,
-        coded_frames,
-        frame_colour,
-        truncate,
-        write_mp4,
-    )
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from helpers_media import call_with_timeout, coded_frames, frame_colour, truncate, write_mp4
+from tests.helpers_media import call_with_timeout, coded_frames, frame_colour, truncate, write_mp4
 
 N, H, W = 12, 32, 48  # W=48 is a width decord 0.6 cannot decode: exercises the fallback
 BACKENDS = ["pyav"] + (["decord", "auto"] if video.decord_available() else ["auto"])
