@@ -144,6 +144,14 @@ class Runner:
         self.cfg = cfg.resolved(self.device)
         self.out = Path(self.cfg.out)
         self._check_out(resume)
+        state = None
+        if resume:
+            # A resumed run keeps the settings it was started with (data, model, loss);
+            # only a new --iters applies, to extend it.
+            state = load_checkpoint(self.out / "checkpoints" / "last.pt")
+            saved = TrainConfig.from_dict(json.loads(state["config"]))
+            self.cfg = replace(saved, out=self.cfg.out,
+                               iters=cfg.iters if cfg.iters is not None else saved.iters)
         torch.manual_seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
 
@@ -160,8 +168,8 @@ class Runner:
         self.step = 0
         self.avatar_cfg = AvatarConfig(exp_dim=self.dataset.exp_dim,
                                        num_gaussians=c.num_gaussians, mlp_width=c.mlp_width)
-        if resume:
-            self._load(self.out / "checkpoints" / "last.pt")
+        if state is not None:
+            self._load(state)
         else:
             self.model = GaussianHeadAvatar(self.avatar_cfg, self._initial_cloud()).to(self.device)
             self.optimizer = torch.optim.Adam(self.model.param_groups(c.lr_net, c.lr_preset),
@@ -325,13 +333,8 @@ class Runner:
             torch.save(state, folder / f"step_{self.step:07d}.pt")
         return folder / "last.pt"
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        saved = TrainConfig.from_dict(json.loads(state["config"]))
-        if saved.iters != self.cfg.iters:  # a longer run is the one change resume allows
-            self.cfg = replace(saved, iters=self.cfg.iters)
-        else:
-            self.cfg = saved
+    def _load(self, state: dict[str, Any]) -> None:
+        """Restore model, optimizer, strategy, loader position and RNG from a checkpoint."""
         self.avatar_cfg = AvatarConfig.from_dict(json.loads(state["avatar_config"]))
         self.model = GaussianHeadAvatar.from_state_dict(self.avatar_cfg, state["model"])
         self.model.to(self.device)

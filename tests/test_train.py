@@ -67,9 +67,10 @@ def test_resume_equals_uninterrupted(banked_store, tmp_path):
     straight.train()
     first = Runner(TrainConfig(iters=5, out=str(tmp_path / "b"), **common), warn=lambda m: None)
     first.train()
-    resumed = Runner(TrainConfig(iters=10, out=str(tmp_path / "b"), **common),
+    # a resumed run keeps its own settings: a different --aug here must not leak in
+    resumed = Runner(TrainConfig(iters=10, out=str(tmp_path / "b"), **{**common, "aug": "noise"}),
                      warn=lambda m: None, resume=True)
-    assert resumed.step == 5
+    assert resumed.step == 5 and resumed.cfg.aug == "raf" and resumed.cfg.iters == 10
     resumed.train()
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
