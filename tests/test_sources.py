@@ -344,3 +344,13 @@ def test_open_source_detection_errors(tmp_path: Path) -> None:
         open_source(tmp_path / "empty", layout="blender")
     # An explicit layout needs no detection.
     assert open_source(tmp_path / "empty", layout="gha").participants() == []
+
+
+def test_damaged_npz_is_named_as_such(tmp_path):
+    folder = tmp_path / "params"
+    write_bfm_params(folder, np.arange(3))
+    bad = sorted(folder.iterdir())[1] / "params.npz"
+    bad.write_bytes(b"garbage, not a zip archive")
+    with pytest.raises(SourceError, match="not an .npz archive") as err:
+        read_bfm_params(folder)
+    assert str(bad) in str(err.value)

@@ -146,6 +146,8 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an npz, loaded eagerly (the file is closed on return)."""
     if not path.is_file():
         raise SourceError(path, "tracking file not found")
+    if not zipfile.is_zipfile(path):  # np.load would call anything else a pickle
+        raise SourceError(path, "not an .npz archive (damaged or truncated file?)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
