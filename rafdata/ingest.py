@@ -163,6 +163,7 @@ def _read_tracking(
     if todo:
         progress.start("tracking", len(todo))
     pending = []
+    no_video: dict[str, list[str]] = {}
     space: tuple[str, int, Path] | None = None
     for s in todo:
         tr = s.tracking()
@@ -178,8 +179,15 @@ def _read_tracking(
         keep = np.zeros(len(tr.frames), bool)
         keep[:: cfg.every] = True
         cams = s.cameras() if cfg.wants_images(s.participant) else []
+        if cfg.wants_images(s.participant) and not cams:
+            no_video.setdefault(s.participant, []).append(s.name)
         pending.append(_Pending(s, tr, keep, cams))
         progress.advance()
+    for pid, names in no_video.items():
+        progress.warn(f"participant {pid}: no camera videos in {len(names)} sequence(s) "
+                      f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); their "
+                      "coefficients are ingested without images (--no-images or --images-for "
+                      "say this is intended)")
     _warn_missing_cameras(pending, progress)
     return pending
 

@@ -180,7 +180,14 @@ def test_coefficients_only_never_opens_videos(synth_bfm, tmp_path):
         shutil.copytree(params, track / params.relative_to(synth_bfm))
     out = tmp_path / "coef.h5"
     report = ingest(track, out, IngestConfig(no_images=True))
-    assert report.images == 0 and len(report.written) == 6
+    assert report.images == 0 and len(report.written) == 6 and report.warnings == []
+    # asking for images where there are no videos says so, and still ingests the coefficients
+    report = ingest(track, tmp_path / "coef2.h5", IngestConfig(images_for=("388",)))
+    assert len(report.written) == 6 and report.images == 0
+    assert [w for w in report.warnings if "no camera videos" in w] == [
+        "participant 388: no camera videos in 2 sequence(s) (EXP-1-head, FREE); their "
+        "coefficients are ingested without images (--no-images or --images-for say this is "
+        "intended)"]
     with Store(out) as s:
         assert s.n_images == 0 and len(s.timesteps) == 6 * 4 and len(s.cameras) == 0
 
