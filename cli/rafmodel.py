@@ -99,6 +99,8 @@ def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, see
     with RichProgress(quiet) as progress:
         runner = Runner(cfg, warn=progress.warn, resume=resume)
         if not quiet:
+            console.print_json(json.dumps({"train": runner.cfg.to_dict(),
+                                           "avatar": runner.avatar_cfg.to_dict()}))
             console.print(f"[bold]{runner.out}[/]: {runner.cfg.aug} on {runner.dataset.subject}"
                           f", {len(runner.dataset)} images, {runner.width}x{runner.height} on "
                           f"{runner.device}, {runner.model.num_gaussians} Gaussians; loss "
