@@ -165,6 +165,7 @@ class Runner:
         self.loss_fn, self.loss_description = build_loss(c.loss, self.device, warn)
         self.swaps = SwapStats()
         self.strategy = SimpleStrategy(c.densify)
+        self._xyz_lr0: float | None = None
         self.step = 0
         self.avatar_cfg = AvatarConfig(exp_dim=self.dataset.exp_dim,
                                        num_gaussians=c.num_gaussians, mlp_width=c.mlp_width)
@@ -251,6 +252,7 @@ class Runner:
         loss, parts = self.loss_fn(pred, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._decay_position_lr()
         self.optimizer.step()
         refined = self.strategy.step_post_backward(self.step, self.model, self.optimizer,
                                                    renders)
@@ -259,6 +261,19 @@ class Runner:
         self.swaps.update(batch["swapped"])
         self._last = (pred.detach()[0], target[0])
         return {**parts, "psnr": value, "gaussians": refined.get("n", self.model.num_gaussians)}
+
+    def _decay_position_lr(self) -> None:
+        """3D Gaussian Splatting's schedule: the position rate falls 100x, exponentially, over
+        the run (a function of the step only, so a resumed run follows the same curve)."""
+        if self.cfg.lr_preset != "3dgs":
+            return
+        if self._xyz_lr0 is None:
+            base = self.model.param_groups(self.cfg.lr_net, self.cfg.lr_preset)
+            self._xyz_lr0 = next(g["lr"] for g in base if g["name"] == "xyz")
+        lr0 = self._xyz_lr0
+        for group in self.optimizer.param_groups:
+            if group.get("name") == "xyz":
+                group["lr"] = lr0 * 0.01 ** (self.step / max(1, self.cfg.iters))
 
     # -- loop ------------------------------------------------------------------------------
     def train(self, progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
@@ -284,12 +299,12 @@ class Runner:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     window = []
-                if progress is not None:
-                    progress(self.step, {**numbers, "swap_rate": self.swaps.rate})
                 if self.step % c.preview_every == 0 or self.step == c.iters:
                     self.save_preview()
                 if self.step % c.checkpoint_every == 0 or self.step == c.iters:
                     self.save_checkpoint()
+                if progress is not None:
+                    progress(self.step, {**numbers, "swap_rate": self.swaps.rate})
         finally:
             log.close()
         summary = {"steps": self.step, "seconds": time.perf_counter() - t0,

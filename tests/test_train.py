@@ -65,8 +65,16 @@ def test_resume_equals_uninterrupted(banked_store, tmp_path):
     straight = Runner(TrainConfig(iters=10, out=str(tmp_path / "a"), **common),
                       warn=lambda m: None)
     straight.train()
-    first = Runner(TrainConfig(iters=5, out=str(tmp_path / "b"), **common), warn=lambda m: None)
-    first.train()
+
+    def crash_after_five(step, numbers):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    first = Runner(TrainConfig(iters=10, out=str(tmp_path / "b"), **{**common,
+                                                                    "checkpoint_every": 5}),
+                   warn=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        first.train(crash_after_five)
     # a resumed run keeps its own settings: a different --aug here must not leak in
     resumed = Runner(TrainConfig(iters=10, out=str(tmp_path / "b"), **{**common, "aug": "noise"}),
                      warn=lambda m: None, resume=True)
