@@ -14,6 +14,7 @@ from cli.common import FriendlyGroup, split_list
 from rafdata.progress import RichProgress
 
 console = Console(soft_wrap=True)  # long paths must stay on one line
+MAX_ROWS = 40  # longer tables are summarised in the terminal; --json has every row
 
 
 @click.group(cls=FriendlyGroup)
@@ -177,20 +178,37 @@ def _print_summary(info: dict) -> None:
         head.add_row(k, str(v))
     console.print(head)
 
-    ids = Table(title="identities", title_justify="left")
+    # Stores hold hundreds of identities: long tables are cut (everything is in --json).
+    with_images = [r for r in info["identities"] if r["images"]]
+    shown = info["identities"] if len(info["identities"]) <= MAX_ROWS else with_images[:MAX_ROWS]
+    ids = Table(title="identities" + ("" if shown is info["identities"] else
+                                      f" with images ({len(with_images)} of "
+                                      f"{len(info['identities'])})"), title_justify="left")
     for col in ("name", "sequences", "timesteps", "images", "cameras"):
         ids.add_column(col, justify="right" if col != "name" else "left")
-    for row in info["identities"]:
+    for row in shown:
         ids.add_row(*(str(row[c]) for c in ("name", "sequences", "timesteps", "images",
                                              "cameras")))
     console.print(ids)
 
-    seqs = Table(title="sequences", title_justify="left")
-    for col in ("identity", "sequence", "held out", "timesteps", "images"):
-        seqs.add_column(col)
-    for row in info["sequences"]:
-        seqs.add_row(row["identity"], row["name"], "[yellow]held out[/]" if row["held_out"]
-                     else "", str(row["timesteps"]), str(row["images"]))
+    if len(info["sequences"]) <= MAX_ROWS:
+        seqs = Table(title="sequences", title_justify="left")
+        for col in ("identity", "sequence", "held out", "timesteps", "images"):
+            seqs.add_column(col)
+        for row in info["sequences"]:
+            seqs.add_row(row["identity"], row["name"], "[yellow]held out[/]" if row["held_out"]
+                         else "", str(row["timesteps"]), str(row["images"]))
+    else:  # one row per sequence name, summed over identities
+        seqs = Table(title="sequences (by name, over all identities)", title_justify="left")
+        for col in ("sequence", "held out", "identities", "timesteps", "images"):
+            seqs.add_column(col)
+        by_name: dict[str, list[dict]] = {}
+        for row in info["sequences"]:
+            by_name.setdefault(row["name"], []).append(row)
+        for name, rows in sorted(by_name.items()):
+            seqs.add_row(name, "[yellow]held out[/]" if rows[0]["held_out"] else "",
+                         str(len(rows)), str(sum(r["timesteps"] for r in rows)),
+                         str(sum(r["images"] for r in rows)))
     console.print(seqs)
 
     if info["banks"]:

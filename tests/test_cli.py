@@ -119,3 +119,17 @@ def test_inspect_shows_banks_and_verifies_them(runner, bfm_store, tmp_path):
         f["banks/full/neighbors/index"][0, 0] = same
     res = runner.invoke(rafdata, ["inspect", str(path), "--verify", "--quiet"])
     assert res.exit_code == 1 and "same identity" in res.output
+
+
+def test_inspect_summarises_large_stores(runner, tmp_path):
+    from tests.store_helpers import write_store
+
+    path = tmp_path / "many.h5"
+    ids = tuple(f"{i:03d}" for i in range(30))
+    write_store(path, identities=ids, sequences=("EXP-1-head", "FREE"), cams=1, t=2,
+                size=(8, 8))
+    out = runner.invoke(rafdata, ["inspect", str(path)]).output
+    assert "sequences (by name, over all identities)" in out  # 60 rows -> 2 summary rows
+    assert out.count("EXP-1-head") == 1 and "identities" in out
+    assert len(json.loads(runner.invoke(rafdata, ["inspect", str(path), "--json"]).stdout)[
+        "sequences"]) == 60
