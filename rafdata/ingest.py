@@ -19,8 +19,9 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,14 +147,38 @@ def ingest(
         n_images = sum(int(p.frames_mask.sum()) * len(p.cameras) for p in pending)
         if n_images:
             progress.start("images", n_images)
-        for p in pending:
-            t, n = _write_sequence(writer, p, cfg, progress)
-            report.written.append(p.label)
-            report.timesteps += t
-            report.images += n
+        for batch in _commit_units(pending):
+            # Sequences without images are tiny: commit them in groups, not one by one.
+            with writer.group() if len(batch) > 1 else nullcontext():
+                results = [(p, _write_sequence(writer, p, cfg, progress)) for p in batch]
+            for p, (t, n) in results:
+                report.written.append(p.label)
+                report.timesteps += t
+                report.images += n
     report.warnings = list(getattr(progress, "warnings", []))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+COEFFICIENT_GROUP = 64  # image-less sequences committed together
+
+
+def _commit_units(pending: list[_Pending]) -> Iterator[list[_Pending]]:
+    """Sequences with images one by one; runs of image-less ones in groups."""
+    group: list[_Pending] = []
+    for p in pending:
+        if p.cameras:
+            if group:
+                yield group
+                group = []
+            yield [p]
+        else:
+            group.append(p)
+            if len(group) == COEFFICIENT_GROUP:
+                yield group
+                group = []
+    if group:
+        yield group
 
 
 def _read_tracking(

@@ -618,6 +618,15 @@ class StoreWriter:
                 f["sequences/identity"][:n], _str_list(f["sequences/name"], n), strict=True
             )
         }
+        # Rows written by sequences but not yet committed: appended to the file in one go per
+        # commit (a sequence, or a whole group of them), so many small sequences cost few
+        # HDF5 calls and flushes.
+        self._base = {g: int(f[g].attrs["rows"]) for g in TABLES}
+        self._staged: dict[str, dict[str, list[np.ndarray]]] = {g: {} for g in TABLES}
+        self._staged_n = dict.fromkeys(TABLES, 0)
+        self._staged_cams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._staged_done: list[tuple[int, str]] = []
+        self._grouped = False
 
     def close(self) -> None:
         if self.f:
@@ -663,15 +672,80 @@ class StoreWriter:
     def sequence(
         self, identity: str, name: str, held_out: bool, source: str | Path
     ) -> Iterator[SequenceWriter]:
-        """Write one sequence; committed on clean exit, rolled back on any exception."""
+        """Write one sequence; committed on clean exit, rolled back on any exception.
+
+        Inside :meth:`group`, the commit waits for the end of the group.
+        """
         seq = SequenceWriter(self, identity, name, held_out, str(source))
         try:
             yield seq
-            seq._commit()
+            seq._finish()
+            if not self._grouped:
+                self._publish()
         except BaseException:
-            self.f.flush()
-            self._recover()  # forget the partial sequence (rows past the committed counts)
+            if not self._grouped:
+                self._rollback()
             raise
+
+    @contextmanager
+    def group(self) -> Iterator[StoreWriter]:
+        """Commit all sequences written inside as one unit (all or none).
+
+        For many small sequences (coefficients only), where a commit per sequence would cost
+        more than the data; a crash loses at most the group.
+        """
+        if self._grouped:
+            raise RuntimeError("groups do not nest")
+        self._grouped = True
+        try:
+            yield self
+            self._grouped = False
+            self._publish()
+        except BaseException:
+            self._grouped = False
+            self._rollback()
+            raise
+
+    def _stage(self, group: str, **columns: np.ndarray) -> int:
+        """Queue rows for a table; returns the row index the first of them will get."""
+        start = self._base[group] + self._staged_n[group]
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"columns of {group} differ in length: {lengths}")
+        for name, values in columns.items():
+            self._staged[group].setdefault(name, []).append(values)
+        self._staged_n[group] += lengths.pop()
+        return start
+
+    def _publish(self) -> None:
+        """Append staged rows, flush, then raise the ``rows`` counters that expose them."""
+        f = self.f
+        for group, cols in self._staged.items():
+            for name, parts in cols.items():
+                _append(f[group][name], np.concatenate(parts))
+        im = f["images"]
+        rows = {g: self._base[g] + self._staged_n[g] for g in TABLES}
+        for name in ("rgb", "mask"):  # reserved capacity beyond the last image
+            if name in im and im[name].shape[0] != rows["images"]:
+                im[name].resize(rows["images"], axis=0)
+        if self.exp_space:
+            f.attrs["exp_space"] = self.exp_space
+            f.attrs["exp_dim"] = self.exp_dim
+        f.flush()  # the data must be durable before the counters that expose it
+        for group in TABLES:
+            f[group].attrs["rows"] = rows[group]
+        f.flush()
+        self._base = rows
+        self._staged = {g: {} for g in TABLES}
+        self._staged_n = dict.fromkeys(TABLES, 0)
+        self._staged_cams.clear()
+        self._done.update(self._staged_done)
+        self._staged_done.clear()
+
+    def _rollback(self) -> None:
+        """Forget everything since the last commit (rows past the committed counts)."""
+        self.f.flush()
+        self._recover()
 
 
 def _append(ds: h5py.Dataset, values: np.ndarray) -> int:
@@ -736,12 +810,12 @@ class SequenceWriter:
         self.source = source
         row = w.identity_row(identity)
         if row is None:
-            row = _append(self.f["identities/name"], np.array([identity], dtype=object))
+            row = w._stage("identities", name=np.array([identity], dtype=object))
             w.identities.append(identity)
         self.identity = row
-        self.sequence = int(self.f["sequences"].attrs["rows"])
-        self.timestep_start = int(self.f["timesteps"].attrs["rows"])
-        self.image_start = int(self.f["images"].attrs["rows"])
+        self.sequence = w._base["sequences"] + w._staged_n["sequences"]
+        self.timestep_start = w._base["timesteps"] + w._staged_n["timesteps"]
+        self.image_start = w._base["images"] + w._staged_n["images"]
         self.n_timesteps = 0
         self.n_images = 0
         # Per-image columns of this sequence, indexed by slot (row - image_start); written
@@ -775,12 +849,15 @@ class SequenceWriter:
             self.w.exp_space, self.w.exp_dim = exp_space, dim
         self.w.check_exp_space(exp_space, dim, Path(self.source))
         n = len(frames)
-        start = _append(t["frame"], np.asarray(frames, np.int64))
-        _append(t["identity"], np.full(n, self.identity, np.int32))
-        _append(t["sequence"], np.full(n, self.sequence, np.int32))
-        _append(t["exp"], exp)
-        _append(t["pose"], np.asarray(pose, np.float32))
-        _append(t["scale"], np.asarray(scale, np.float32))
+        start = self.w._stage(
+            "timesteps",
+            frame=np.asarray(frames, np.int64),
+            identity=np.full(n, self.identity, np.int32),
+            sequence=np.full(n, self.sequence, np.int32),
+            exp=exp,
+            pose=np.asarray(pose, np.float32).reshape(n, POSE_DIM),
+            scale=np.asarray(scale, np.float32).reshape(n),
+        )
         self.n_timesteps += n
         return np.arange(start, start + n)
 
@@ -791,22 +868,28 @@ class SequenceWriter:
         size per camera); a mismatch is a StoreError.
         """
         key = (self.identity, serial)
-        c = self.f["cameras"]
-        if key in self.w._cameras:
-            row = self.w._cameras[key]
-            if not (np.allclose(c["K"][row], K, atol=1e-6)
-                    and np.allclose(c["world_to_cam"][row], world_to_cam, atol=1e-6)):
+        w = self.w
+        if key in w._cameras:
+            row = w._cameras[key]
+            if row in w._staged_cams:
+                K_old, w2c_old = w._staged_cams[row]
+            else:
+                K_old, w2c_old = self.f["cameras/K"][row], self.f["cameras/world_to_cam"][row]
+            if not (np.allclose(K_old, K, atol=1e-6)
+                    and np.allclose(w2c_old, world_to_cam, atol=1e-6)):
                 raise StoreError(
                     self.w.path,
                     f"camera {serial} of identity {self.w.identities[self.identity]} is stored "
                     "with other intrinsics/extrinsics (different --crop/--size than before?)",
                 )
             return row
-        row = _append(c["serial"], np.array([serial], dtype=object))
-        _append(c["identity"], np.array([self.identity], np.int32))
-        _append(c["K"], np.asarray(K, np.float64)[None])
-        _append(c["world_to_cam"], np.asarray(world_to_cam, np.float64)[None])
-        self.w._cameras[key] = row
+        K = np.asarray(K, np.float64)
+        world_to_cam = np.asarray(world_to_cam, np.float64)
+        row = w._stage("cameras", serial=np.array([serial], dtype=object),
+                       identity=np.array([self.identity], np.int32), K=K[None],
+                       world_to_cam=world_to_cam[None])
+        w._cameras[key] = row
+        w._staged_cams[row] = (K, world_to_cam)
         return row
 
     def _image_datasets(self, height: int, width: int) -> None:
@@ -877,39 +960,26 @@ class SequenceWriter:
         for i, t in enumerate(timesteps):
             self.put_image(first + i, rgb[i], None if mask is None else mask[i], int(t), camera)
 
-    def _commit(self) -> None:
-        f = self.f
+    def _finish(self) -> None:
+        """Stage this sequence's image columns and its /sequences row (committed by the
+        writer: at once, or with its group)."""
+        w = self.w
         if self.n_images:
             meta = self._meta.view(self.n_images)
             empty = np.flatnonzero(meta["timestep"] < 0)
             if empty.size:
-                raise StoreError(self.w.path, f"{empty.size} reserved image slots of sequence "
+                raise StoreError(w.path, f"{empty.size} reserved image slots of sequence "
                                  f"{self.name} were never written (first: slot {empty[0]})")
-            end = self.image_start + self.n_images
-            for ds in (self._rgb, self._mask):
-                ds.resize(end, axis=0)
-            im = f["images"]
-            for name, values in meta.items():
-                _append(im[name], values)
-        s = f["sequences"]
-        for name, value in (
-            ("name", np.array([self.name], dtype=object)),
-            ("identity", np.array([self.identity], np.int32)),
-            ("held_out", np.array([self.held_out])),
-            ("timestep_start", np.array([self.timestep_start], np.int64)),
-            ("timestep_count", np.array([self.n_timesteps], np.int64)),
-            ("image_start", np.array([self.image_start], np.int64)),
-            ("image_count", np.array([self.n_images], np.int64)),
-            ("source", np.array([self.source], dtype=object)),
-        ):
-            _append(s[name], value)
-        if self.w.exp_space:
-            f.attrs["exp_space"] = self.w.exp_space
-            f.attrs["exp_dim"] = self.w.exp_dim
-        # Make the data durable before the counters that expose it.
-        f.flush()
-        for group in TABLES:
-            first = next(ds for ds in f[group].values() if isinstance(ds, h5py.Dataset))
-            f[group].attrs["rows"] = first.shape[0]
-        f.flush()
-        self.w._done.add((self.identity, self.name))
+            w._stage("images", **{k: v.copy() for k, v in meta.items()})
+        w._stage(
+            "sequences",
+            name=np.array([self.name], dtype=object),
+            identity=np.array([self.identity], np.int32),
+            held_out=np.array([self.held_out]),
+            timestep_start=np.array([self.timestep_start], np.int64),
+            timestep_count=np.array([self.n_timesteps], np.int64),
+            image_start=np.array([self.image_start], np.int64),
+            image_count=np.array([self.n_images], np.int64),
+            source=np.array([self.source], dtype=object),
+        )
+        w._staged_done.append((self.identity, self.name))

@@ -235,3 +235,27 @@ def test_blosc_with_other_filters_is_read_and_appended_through_hdf5(tmp_path):
     with Store(path) as s:
         np.testing.assert_array_equal(s.read_rgb(12), extra[2])
         assert verify(s).ok
+
+
+def test_group_commits_all_or_nothing(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",))
+    rng = np.random.default_rng(2)
+    with StoreWriter(path) as w:
+        with pytest.raises(RuntimeError), w.group():
+            for name in ("B", "C", "D"):
+                with w.sequence("422", name, False, "mem") as sw:
+                    sw.add_timesteps(*fake_sequence(rng), "test")
+                    if name == "D":
+                        raise RuntimeError("boom")
+        assert not w.has_sequence("422", "B")  # the whole group is gone
+        with w.group():
+            for name in ("B", "C"):
+                with w.sequence("422", name, False, "mem") as sw:
+                    sw.add_timesteps(*fake_sequence(rng), "test")
+            assert not w.has_sequence("422", "B")  # not committed before the group ends
+        assert w.has_sequence("422", "C")
+    with Store(path) as s:
+        assert s.identities == ["388", "422"] and s.sequences.name == ["A", "B", "C"]
+        assert len(s.timesteps) == 15 and check_invariants(s) == []
+        assert s.sequences.timestep_start.tolist() == [0, 5, 10]
