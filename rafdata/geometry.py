@@ -83,7 +83,9 @@ def color_correct(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def project(points: np.ndarray, K: np.ndarray, world_to_cam: np.ndarray) -> np.ndarray:
-    """Project world points (N,3) to pixels (N,2) with a (3,3) K and (4,4) world_to_cam."""
-    cam = points @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
-    uvw = cam @ np.asarray(K).T
+    """Pixel coordinates (N, 2) (col, row) of world points (N, 3) with a (3, 3) K and a (4, 4)
+    world_to_cam, OpenCV pixel centres."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    cam = p @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
+    uvw = cam @ np.asarray(K, dtype=np.float64).T
     return uvw[:, :2] / uvw[:, 2:3]

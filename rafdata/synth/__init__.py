@@ -7,8 +7,9 @@ Multiview-3DMM-Fitting BFM params, NeRSemble-benchmark FLAME tracking, Gaussian 
 preprocessing). See :class:`SynthConfig`, :func:`write_dataset`, :func:`write_gha_dataset`.
 """
 
+from rafdata.geometry import project
 from rafdata.synth.config import EXP_DIM, FPS, ID_DIM, SynthConfig
-from rafdata.synth.geometry import canonical_to_world, project, rodrigues
+from rafdata.synth.geometry import canonical_to_world, rodrigues
 from rafdata.synth.head import NOSE_TIP, SEMANTIC_DIMS, SynthHead, composite
 from rafdata.synth.motion import (
     flame_from_exp_matrix,

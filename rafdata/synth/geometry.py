@@ -43,14 +43,6 @@ def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray | None = None) -
     return m
 
 
-def project(points: np.ndarray, K: np.ndarray, world_to_cam: np.ndarray) -> np.ndarray:
-    """Pixel coordinates (N, 2) (col, row) of world points (N, 3), OpenCV pixel centres."""
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    cam = p @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
-    uvw = cam @ np.asarray(K, dtype=np.float64).T
-    return uvw[:, :2] / uvw[:, 2:3]
-
-
 def canonical_to_world(x: np.ndarray, pose: np.ndarray, scale: float) -> np.ndarray:
     """World points (N, 3) of canonical points x (N, 3): ``scale * R(pose[:3]) @ x + pose[3:]``."""
     pose = np.asarray(pose, dtype=np.float64).reshape(6)
