@@ -67,10 +67,10 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from rafdata.errors import RafDataError
-from rafdata.geometry import ImageTransform
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import Store
 from rafmodel.losses import psnr, ssim
+from rafmodel.targets import composite_target, render_K
 
 PSNR_CAP = 100.0  # dB: identical frames would give +inf; the cap keeps averages finite
 FRONTAL_SERIAL = "222200037"  # NeRSemble's frontal camera (also the synth rig's first)
@@ -262,12 +262,6 @@ def _unique_labels(runs: list[RunInfo]) -> None:
 # Rendering
 
 
-def render_K(K: np.ndarray, image_hw: tuple[int, int], width: int, height: int) -> Tensor:
-    """(3, 3) float32 intrinsics of a (width, height) render from those of the stored image."""
-    h0, w0 = image_hw
-    return torch.from_numpy(ImageTransform(size=(width, height)).apply_K(K, w0, h0)).float()
-
-
 @torch.no_grad()
 def render_avatar(run: RunInfo, exp: Tensor, pose: Tensor, scale: Tensor, K: Tensor,
                   world_to_cam: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -290,17 +284,12 @@ def target_frame(rgb: np.ndarray, mask: np.ndarray | None, width: int, height: i
                  background: Tensor) -> tuple[Tensor, Tensor | None]:
     """A stored frame as training saw it: (3, h, w) on ``background`` and its (1, h, w) matte.
 
-    rgb (H, W, 3) uint8, mask (H, W) uint8 or None. Area-resized like the trainer's targets;
-    without a matte the frame is used as is and the mask is None.
+    rgb (H, W, 3) uint8, mask (H, W) uint8 or None (then the frame is used as is).
     """
     img = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
-    img = F.interpolate(img, size=(height, width), mode="area")[0]
-    if mask is None:
-        return img, None
-    m = torch.from_numpy(mask)[None, None].float() / 255.0
-    m = F.interpolate(m, size=(height, width), mode="area")[0]
-    bg = background.cpu()[:, None, None]
-    return img * m + bg * (1 - m), m
+    m = None if mask is None else torch.from_numpy(mask)[None, None].float() / 255.0
+    target, m = composite_target(img, m, (height, width), background.cpu())
+    return target[0], None if m is None else m[0]
 
 
 # --------------------------------------------------------------------------------------------

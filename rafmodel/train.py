@@ -27,11 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from rafdata.errors import RafDataError
-from rafdata.geometry import ImageTransform
 from rafmodel.avatar import (
     AvatarConfig,
     GaussianHeadAvatar,
@@ -46,6 +44,7 @@ from rafmodel.device import select_device
 from rafmodel.losses import LossConfig, build_loss, psnr
 from rafmodel.render import render
 from rafmodel.strategy import DensifyConfig, SimpleStrategy
+from rafmodel.targets import composite_target, render_K
 
 CHECKPOINT_VERSION = 1
 
@@ -219,19 +218,12 @@ class Runner:
         (self.out / "config.json").write_text(json.dumps(info, indent=2))
 
     # -- one step --------------------------------------------------------------------------
-    def _camera(self, K: torch.Tensor) -> torch.Tensor:
-        """Intrinsics of the render size from those of the stored image size."""
-        h0, w0 = self.dataset.image_size
-        tf = ImageTransform(size=(self.width, self.height))
-        return torch.from_numpy(tf.apply_K(K.numpy(), w0, h0)).float()
-
     def _target(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,3,h,w) frames on the background colour and (B,1,h,w) masks, at render size."""
-        size = (self.height, self.width)
-        image = F.interpolate(batch["image"], size=size, mode="area")
-        mask = F.interpolate(batch["mask"], size=size, mode="area")
-        bg = self.background.cpu()[None, :, None, None]
-        target = image * mask + bg * (1 - mask)
+        # The dataset serves all-ones masks where a store has no matte: compositing is then
+        # a no-op, so one code path serves both.
+        target, mask = composite_target(batch["image"], batch["mask"],
+                                        (self.height, self.width), self.background.cpu())
         return target.to(self.device), mask.to(self.device)
 
     def train_step(self, batch: dict) -> dict[str, float]:
@@ -243,7 +235,8 @@ class Runner:
                            batch["scale"][b].to(self.device))
             out = render(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"],
                          batch["world_to_cam"][b].to(self.device),
-                         self._camera(batch["K"][b]).to(self.device), self.width, self.height,
+                         render_K(batch["K"][b], self.dataset.image_size, self.width,
+                                  self.height).to(self.device), self.width, self.height,
                          background=self.background, backend=self.cfg.backend)
             renders.append(out)
             preds.append(out.image.permute(2, 0, 1))
