@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rafmodel.avatar import quat_to_matrix
+from rafmodel.rotations import quat_to_matrix
 
 
 @dataclass

@@ -160,7 +160,10 @@ class Runner:
         self.loader = InfiniteLoader(make_loader(self.dataset, batch_size=c.batch_size,
                                                  workers=c.workers, shuffle=True, seed=c.seed))
         self.height, self.width = render_size(self.dataset.image_size, c.resolution)
-        self.background = torch.tensor(c.background, dtype=torch.float32, device=self.device)
+        # Targets are composited on the CPU (where the loader delivers frames), renders on
+        # the device: one copy of the colour for each, made once.
+        self._background_cpu = torch.tensor(c.background, dtype=torch.float32)
+        self.background = self._background_cpu.to(self.device)
         self.loss_fn, self.loss_description = build_loss(c.loss, self.device, warn)
         self.swaps = SwapStats()
         self.strategy = SimpleStrategy(c.densify)
@@ -223,7 +226,7 @@ class Runner:
         # The dataset serves all-ones masks where a store has no matte: compositing is then
         # a no-op, so one code path serves both.
         target, mask = composite_target(batch["image"], batch["mask"],
-                                        (self.height, self.width), self.background.cpu())
+                                        (self.height, self.width), self._background_cpu)
         return target.to(self.device), mask.to(self.device)
 
     def train_step(self, batch: dict) -> dict[str, float]:

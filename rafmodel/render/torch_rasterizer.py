@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rafmodel.rotations import quat_to_matrix
+
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD: weaker contributions are skipped
 MAX_ALPHA = 0.999  # gsplat clamps alpha so that one Gaussian never makes a pixel fully opaque
 T_STOP = 1e-4  # a pixel is finished once its transmittance would fall to this
@@ -57,17 +59,6 @@ class Projected:
         return (self.radii > 0).all(dim=-1)
 
 
-def quat_to_rotmat(quats: Tensor) -> Tensor:
-    """(N, 4) quaternions wxyz, any norm -> (N, 3, 3) rotation matrices."""
-    q = quats / quats.norm(dim=-1, keepdim=True)
-    w, x, y, z = q.unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], dim=-1).reshape(q.shape[:-1] + (3, 3))
-
-
 def project(
     means: Tensor,
     quats: Tensor,
@@ -90,7 +81,7 @@ def project(
     """
     R, t = world_to_cam[:3, :3], world_to_cam[:3, 3]
     mc = means @ R.T + t  # (N, 3) camera space
-    rot = quat_to_rotmat(quats)
+    rot = quat_to_matrix(quats)
     M = R @ (rot * scales[:, None, :])  # camera-space R_cam R_g S
     cov_c = M @ M.transpose(1, 2)  # (N, 3, 3)
 
