@@ -2,6 +2,10 @@
 
 Claim (docs/benchmarks.md): the trainer is never data-bound: with loader workers, the time a
 step waits for its batch is a small fraction of the step.
+
+On a CUDA machine, ``python bench/bench_train.py --cuda STORE`` times GPU training with gsplat
+against our PyTorch rasterizer on the same GPU (the baseline, in the same process), at the
+GPU defaults (512 px, 100k Gaussians, MLP width 256).
 """
 
 from __future__ import annotations
@@ -26,22 +30,54 @@ def _store():
     return out
 
 
-def _run(store, workers: int, iters: int, resolution: int) -> dict:
+def _run(store, workers: int | None, iters: int, resolution: int | None, device: str = "cpu",
+         warmup: int = 3, **overrides) -> dict:
     from rafmodel.train import Runner, TrainConfig
 
-    out = SCRATCH / f"train-run-{workers}-{resolution}"
+    tag = "-".join(f"{v}" for v in (workers, resolution, device, *overrides.values()))
+    out = SCRATCH / f"train-run-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     runner = Runner(TrainConfig(store=str(store), subject="388", aug="raf", iters=iters,
                                 out=str(out), workers=workers, resolution=resolution,
-                                device="cpu", log_every=1, preview_every=10**9,
-                                checkpoint_every=10**9), warn=lambda m: None)
+                                device=device, log_every=1, preview_every=10**9,
+                                checkpoint_every=10**9, **overrides), warn=lambda m: None)
     runner.train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = rows[3:]  # the first steps pay one-off set-up (allocations, loader start)
+    first_psnr = rows[0]["psnr"]
+    rows = rows[warmup:]  # the first steps pay one-off set-up (allocations, loader start)
     data = sum(r["data_s"] for r in rows)
     step = sum(r["step_s"] for r in rows)
     return {"it_s": len(rows) / (data + step), "data_frac": data / (data + step),
-            "gaussians": rows[-1]["gaussians"]}
+            "gaussians": rows[-1]["gaussians"], "psnr": (first_psnr, rows[-1]["psnr"]),
+            "size": (runner.width, runner.height), "strategy": type(runner.strategy).__name__}
+
+
+def run_cuda(store: str, iters: int = 300, baseline_iters: int = 30) -> str:
+    """gsplat vs our rasterizer, both on this GPU, GPU defaults; markdown."""
+    import torch
+
+    rows = []
+    for backend, n in (("gsplat", iters), ("torch", baseline_iters)):
+        try:
+            r = _run(store, None, n, None, device="cuda", warmup=10 if n > 30 else 3,
+                     backend=backend)
+        except Exception as err:  # noqa: BLE001 - a failed backend is a result to report
+            rows.append([backend, "-", "-", "-", "-", f"failed: {type(err).__name__}: {err}"])
+            print(rows[-1], flush=True)
+            continue
+        rows.append([backend, r["strategy"], f"{r['it_s']:.2f}", f"{100 * r['data_frac']:.1f}%",
+                     f"{r['gaussians']:.0f}",
+                     f"{r['psnr'][0]:.1f} -> {r['psnr'][1]:.1f} dB in {n} steps"])
+        print(rows[-1], r["size"], flush=True)  # each result as it comes: runs can be cut off
+    name = torch.cuda.get_device_name()
+    return "\n\n".join([
+        f"## Training (CUDA, {name})",
+        f"`rafmodel train` at the GPU defaults on `{store}`; steps/s over the steps after the "
+        "warm-up; data wait = time blocked in `next(loader)` over total step time. Both "
+        "backends ran in one process on the same GPU.",
+        table(["renderer", "densification", "steps/s", "data wait", "Gaussians at end", "PSNR"],
+              rows),
+    ])
 
 
 def run(quick: bool = False) -> str:
@@ -65,4 +101,7 @@ def run(quick: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    print(run("--quick" in sys.argv))
+    if "--cuda" in sys.argv:
+        print(run_cuda(sys.argv[sys.argv.index("--cuda") + 1]))
+    else:
+        print(run("--quick" in sys.argv))

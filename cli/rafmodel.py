@@ -64,6 +64,9 @@ def env(device: str, as_json: bool) -> None:
               show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "gsplat", "torch"]), default="auto",
               show_default=True, help="Renderer (auto: gsplat on CUDA, ours on CPU).")
+@click.option("--strategy", type=click.Choice(["auto", "gsplat", "simple"]), default="auto",
+              show_default=True, help="Densification: gsplat's DefaultStrategy (auto on CUDA "
+              "with gsplat) or our equivalent (auto elsewhere).")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--workers", type=int, default=None, help="Data loader processes.")
 @click.option("--cameras", default=None, help="Only these camera serials.")
@@ -80,7 +83,7 @@ def env(device: str, as_json: bool) -> None:
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True)
 @click.option("--quiet", is_flag=True)
 def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, seed, device,
-          backend, batch_size, workers, cameras, resolution, num_gaussians, vgg_weights,
+          backend, strategy, batch_size, workers, cameras, resolution, num_gaussians, vgg_weights,
           lpips_weights, log_every, preview_every, checkpoint_every, quiet) -> None:
     """Train SUBJECT's avatar from STORE with RAF (or a baseline)."""
     from rafdata.progress import RichProgress
@@ -90,7 +93,7 @@ def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, see
     cfg = TrainConfig(
         store=str(store), subject=subject, out=str(out) if out else None, aug=aug, p=p,
         topk=topk, noise_std=noise_std, bank=bank, iters=iters, seed=seed, device=device,
-        backend=backend, batch_size=batch_size, workers=workers,
+        backend=backend, strategy=strategy, batch_size=batch_size, workers=workers,
         cameras=split_list(cameras), resolution=resolution, num_gaussians=num_gaussians,
         log_every=log_every, preview_every=preview_every, checkpoint_every=checkpoint_every,
         loss=LossConfig(vgg_weights=str(vgg_weights) if vgg_weights else None,
@@ -103,7 +106,8 @@ def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, see
                                            "avatar": runner.avatar_cfg.to_dict()}))
             console.print(f"[bold]{runner.out}[/]: {runner.cfg.aug} on {runner.dataset.subject}"
                           f", {len(runner.dataset)} images, {runner.width}x{runner.height} on "
-                          f"{runner.device}, {runner.model.num_gaussians} Gaussians; loss "
+                          f"{runner.device}, {runner.model.num_gaussians} Gaussians "
+                          f"({type(runner.strategy).__name__}); loss "
                           f"{runner.loss_description}")
         progress.start("training", runner.cfg.iters)
         progress.advance(runner.step)

@@ -41,11 +41,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import hdf5plugin  # noqa: F401  (the store's image filters must be registered in every process)
-import hnswlib
 import numpy as np
 import torch
 
@@ -53,6 +52,9 @@ from rafdata.errors import StoreError
 from rafdata.progress import NullProgress, Progress
 from rafdata.resources import cores_available
 from rafdata.store import Store, check_format, identity_matches
+
+if TYPE_CHECKING:  # hnswlib is imported where an index is made: readers of tables need none
+    import hnswlib
 
 BANKS_GROUP = "banks"
 TMP_PREFIX = ".tmp-"  # groups of an unfinished build; readers ignore them, builds remove them
@@ -199,6 +201,8 @@ def build_index(
     progress = progress or NullProgress()
     vectors = np.ascontiguousarray(vectors, np.float32)
     n, dim = vectors.shape
+    import hnswlib
+
     index = hnswlib.Index(space=METRIC, dim=dim)
     index.init_index(max_elements=max(n, 1), M=M, ef_construction=ef_construction,
                      random_seed=seed)
@@ -226,6 +230,8 @@ def deserialize_index(data: np.ndarray, dim: int, max_elements: int, ef: int) ->
     with tempfile.TemporaryDirectory(prefix="rafdata-hnsw-") as tmp:
         p = os.path.join(tmp, "index.bin")
         np.asarray(data, np.uint8).tofile(p)
+        import hnswlib
+
         index = hnswlib.Index(space=METRIC, dim=dim)
         index.load_index(p, max_elements=max(max_elements, 1))
     index.set_ef(ef)

@@ -1,6 +1,13 @@
 """Densification and pruning of the avatar's Gaussians (3DGS's adaptive density control).
 
-A device-agnostic re-implementation of what gsplat's ``DefaultStrategy`` does, on our model
+Two strategies with one interface (``step_pre_backward``, ``step_post_backward``,
+``state_dict``, ``load_state_dict``); :func:`make_strategy` picks one:
+
+- :class:`GsplatStrategy`: gsplat's own ``DefaultStrategy`` driven on our model (the default
+  on CUDA when gsplat is installed);
+- :class:`SimpleStrategy`: our device-agnostic equivalent (the default elsewhere).
+
+SimpleStrategy is a re-implementation of what gsplat's ``DefaultStrategy`` does, on our model
 (:class:`rafmodel.avatar.GaussianHeadAvatar`, whose per-Gaussian tensors live in the
 ``nn.ParameterDict`` ``model.gaussians``) and our renderer output
 (:class:`rafmodel.render.RenderOutput`). It runs on CPU and CUDA alike.
@@ -105,6 +112,13 @@ def _optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
 RowFn = Callable[[str, Tensor], Tensor]
 
 
+def retain_means2d_grad(out: Any) -> None:
+    """Have ``means2d`` of each render output (one or a list) keep its gradient."""
+    for o in out if isinstance(out, Sequence) else [out]:
+        if o.means2d.requires_grad and not o.means2d.is_leaf:
+            o.means2d.retain_grad()
+
+
 def update_rows(model: nn.Module, optimizers: Any, param_fn: RowFn, state_fn: RowFn,
                 keys: Iterable[str] | None = None) -> None:
     """Replace per-Gaussian parameters and their optimizer state consistently.
@@ -165,9 +179,7 @@ class SimpleStrategy:
 
     def step_pre_backward(self, out: Any) -> None:
         """Make sure the projected means keep their gradient (our renderer already does)."""
-        for o in out if isinstance(out, Sequence) else [out]:
-            if o.means2d.requires_grad and not o.means2d.is_leaf:
-                o.means2d.retain_grad()
+        retain_means2d_grad(out)
 
     @torch.no_grad()
     def step_post_backward(self, step: int, model: nn.Module, optimizers: Any,
@@ -313,4 +325,176 @@ class SimpleStrategy:
         self.resets += 1
 
 
-__all__ = ["DensifyConfig", "SimpleStrategy", "update_rows"]
+class GsplatStrategy:
+    """gsplat's ``DefaultStrategy`` (clone / split / prune) on :class:`GaussianHeadAvatar`.
+
+    gsplat names the per-Gaussian tensors ``means``, ``scales`` (log), ``quats`` and
+    ``opacities`` (logits) and wants one optimizer per tensor; our model's keys map onto those
+    (:attr:`GSPLAT_NAMES`), the others (``features``, ``color_logit``) ride along, and the
+    optimizers must be a dict keyed like ``model.gaussians`` with one single-parameter group
+    each (what :func:`rafmodel.train.make_optimizers` builds). Scene scale is the head radius,
+    so ``DensifyConfig``'s thresholds in head radii pass through unchanged.
+
+    Each step's views (a list of :class:`RenderOutput`, one per sample, all of one size) are
+    handed to gsplat as one batch of ``n_cameras`` views, the way gsplat's own trainer renders a
+    batch, so its gradient normalisation applies as written.
+
+    Opacity reset. gsplat 1.5.3 tests ``step % reset_every == 0 & step > 0``, which Python
+    reads as a chained comparison ending in ``0 > 0``: the reset never runs. This class applies
+    gsplat's own ``reset_opa`` at 3DGS's schedule itself (clamping is idempotent, so a fixed
+    gsplat running it too changes nothing).
+
+    Importing gsplat's strategy module compiles nothing, so this class also runs on a CPU
+    (the tests drive it with our rasterizer's output).
+    """
+
+    GSPLAT_NAMES = {"xyz": "means", "log_scales": "scales", "rotation": "quats",
+                    "opacity_logit": "opacities"}
+
+    def __init__(self, cfg: DensifyConfig | None = None, head_radius: float = 1.0) -> None:
+        from gsplat.strategy import DefaultStrategy
+
+        self.cfg = c = cfg or DensifyConfig()
+        if c.max_gaussians is not None:
+            raise ValueError("gsplat's DefaultStrategy has no cap on the number of Gaussians; "
+                             "use the simple strategy with max_gaussians")
+        never = 2**62
+        self.inner = DefaultStrategy(
+            prune_opa=c.prune_opacity, grow_grad2d=c.grow_grad2d, grow_scale3d=c.grow_scale3d,
+            prune_scale3d=c.prune_scale3d,
+            prune_scale2d=c.prune_scale2d if c.prune_scale2d is not None else 0.15,
+            refine_scale2d_stop_iter=c.refine_stop if c.prune_scale2d is not None else 0,
+            refine_start_iter=c.refine_start, refine_stop_iter=c.refine_stop,
+            refine_every=c.refine_every, reset_every=c.reset_every or never)
+        self.state: dict[str, Any] = self.inner.initialize_state(scene_scale=float(head_radius))
+        self.resets = 0
+        self._counts: dict[str, int] = {}
+        self._count_calls()
+
+    # -- persistence (for exact resume)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in self.state.items() if k != "scene_scale"},
+                "resets": self.resets}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k in self.state:
+            if k != "scene_scale":
+                self.state[k] = state.get(k)
+        self.resets = int(state["resets"])
+
+    # -- name mapping
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {self.GSPLAT_NAMES.get(k, k): p for k, p in model.gaussians.items()}
+
+    def _optimizers(self, model: nn.Module, optimizers: Any) -> dict[str, torch.optim.Optimizer]:
+        if not isinstance(optimizers, Mapping):
+            raise TypeError("GsplatStrategy needs a dict of optimizers, one per Gaussian tensor")
+        out = {}
+        for key, p in model.gaussians.items():
+            if not p.requires_grad:
+                continue
+            opt = optimizers.get(key)
+            if opt is None or len(opt.param_groups) != 1 or \
+                    opt.param_groups[0]["params"] != [p]:
+                raise ValueError(f"optimizers[{key!r}] must hold model.gaussians[{key!r}] "
+                                 "alone, in one parameter group (gsplat's convention)")
+            out[self.GSPLAT_NAMES.get(key, key)] = opt
+        return out
+
+    def _write_back(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
+        for key in list(model.gaussians.keys()):
+            model.gaussians[key] = params[self.GSPLAT_NAMES.get(key, key)]
+
+    @staticmethod
+    def _info(out: Any) -> dict[str, Any] | None:
+        """One gsplat ``info`` dict (unpacked, C views) from our per-view outputs."""
+        views = [o for o in (out if isinstance(out, Sequence) else [out])
+                 if o.means2d.grad is not None]
+        if not views:
+            return None  # nothing visible, or the loss ignored every view
+        h, w = views[0].image.shape[:2]
+        if any(o.image.shape[:2] != (h, w) for o in views):
+            raise ValueError("all views of one step must have the same size")
+        means2d = torch.stack([o.means2d.detach() for o in views])
+        # gsplat reads .grad of info["means2d"]; the gradients were averaged over the views by
+        # the loss, which is what gsplat's n_cameras factor undoes.
+        means2d.grad = torch.stack([o.means2d.grad for o in views])
+        radii = torch.stack([o.radii for o in views])
+        return {"means2d": means2d, "radii": torch.stack([radii, radii], dim=-1),
+                "width": w, "height": h, "n_cameras": len(views), "gaussian_ids": None}
+
+    # -- hooks
+
+    def step_pre_backward(self, out: Any) -> None:
+        """Make sure the projected means keep their gradient (our renderer already does)."""
+        retain_means2d_grad(out)
+
+    @torch.no_grad()
+    def step_post_backward(self, step: int, model: nn.Module, optimizers: Any,
+                           out: Any) -> dict[str, int]:
+        """As :meth:`SimpleStrategy.step_post_backward`, by gsplat's ``DefaultStrategy``.
+
+        A step in which no Gaussian was visible adds no statistics and refines nothing.
+        """
+        from gsplat.strategy.ops import reset_opa
+
+        c = self.cfg
+        self._counts = {"cloned": 0, "split": 0, "pruned": 0, "reset": 0}
+        gs_info = self._info(out)
+        if step < c.refine_stop and gs_info is not None:
+            params, opts = self._params(model), self._optimizers(model, optimizers)
+            self.inner.step_post_backward(params, opts, self.state, step, gs_info)
+            if c.reset_every > 0 and step > 0 and step % c.reset_every == 0:
+                reset_opa(params=params, optimizers=opts, state=self.state,
+                          value=2.0 * c.prune_opacity)
+                self.resets += 1
+                self._counts["reset"] = 1
+            self._write_back(model, params)
+        return {**self._counts, "n": model.num_gaussians}
+
+    def _count_calls(self) -> None:
+        """Wrap DefaultStrategy's grow and prune so each step reports what they did."""
+        grow, prune = self.inner._grow_gs, self.inner._prune_gs
+
+        def counted_grow(*args: Any, **kwargs: Any) -> tuple[int, int]:
+            n_clone, n_split = grow(*args, **kwargs)
+            self._counts.update(cloned=int(n_clone), split=int(n_split))
+            return n_clone, n_split
+
+        def counted_prune(*args: Any, **kwargs: Any) -> int:
+            n = prune(*args, **kwargs)
+            self._counts["pruned"] = int(n)
+            return n
+
+        self.inner._grow_gs, self.inner._prune_gs = counted_grow, counted_prune
+
+
+STRATEGIES = ("auto", "gsplat", "simple")
+
+
+def make_strategy(name: str, cfg: DensifyConfig, head_radius: float,
+                  device: torch.device) -> SimpleStrategy | GsplatStrategy:
+    """'auto' -> gsplat's DefaultStrategy on CUDA when gsplat is installed, else ours.
+
+    Raises ValueError for an unknown name or 'gsplat' without gsplat installed.
+    """
+    from rafmodel.render import gsplat_available
+
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown densification strategy {name!r}; expected one of "
+                         f"{STRATEGIES}")
+    if name == "auto":
+        name = "gsplat" if device.type == "cuda" and gsplat_available() \
+            and cfg.max_gaussians is None else "simple"
+    if name == "gsplat":
+        if not gsplat_available():
+            raise ValueError("densification strategy 'gsplat' asked for, but gsplat is not "
+                             "installed")
+        return GsplatStrategy(cfg, head_radius)
+    return SimpleStrategy(cfg)
+
+
+__all__ = ["STRATEGIES", "DensifyConfig", "GsplatStrategy", "SimpleStrategy", "make_strategy",
+           "update_rows"]

@@ -43,10 +43,10 @@ from rafmodel.data import AugmentConfig, InfiniteLoader, SubjectDataset, SwapSta
 from rafmodel.device import select_device
 from rafmodel.losses import LossConfig, build_loss, psnr
 from rafmodel.render import render
-from rafmodel.strategy import DensifyConfig, SimpleStrategy
+from rafmodel.strategy import DensifyConfig, make_strategy
 from rafmodel.targets import composite_target, render_K
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: one optimizer per Gaussian tensor (gsplat's convention)
 
 # Defaults that depend on the device: GHA-sized on a GPU, small enough on a CPU that the demo
 # trains a few hundred steps in minutes.
@@ -73,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cuda | cpu
     backend: str = "auto"  # renderer: auto | gsplat | torch
+    strategy: str = "auto"  # densification: auto (gsplat's DefaultStrategy on CUDA) | gsplat | simple
     batch_size: int = 1
     workers: int | None = None  # DataLoader processes (None: cores - 1)
     cameras: tuple[str, ...] | None = None
@@ -97,7 +98,9 @@ class TrainConfig:
             cfg = replace(cfg, out=str(Path("runs") / f"{cfg.subject}-{cfg.aug}"))
         if cfg.densify is None:
             # On a CPU growth must stay within what the rasterizer handles in a step.
-            cap = 3 * cfg.num_gaussians if device.type != "cuda" else None
+            # (gsplat's strategy has no cap: asking for it on a CPU means growing freely)
+            cap = 3 * cfg.num_gaussians if device.type != "cuda" and cfg.strategy != "gsplat" \
+                else None
             cfg = replace(cfg, densify=DensifyConfig.for_iters(cfg.iters, seed=cfg.seed,
                                                                max_gaussians=cap))
         return cfg
@@ -166,7 +169,6 @@ class Runner:
         self.background = self._background_cpu.to(self.device)
         self.loss_fn, self.loss_description = build_loss(c.loss, self.device, warn)
         self.swaps = SwapStats()
-        self.strategy = SimpleStrategy(c.densify)
         self._xyz_lr0: float | None = None
         self.step = 0
         self.avatar_cfg = AvatarConfig(exp_dim=self.dataset.exp_dim,
@@ -175,8 +177,8 @@ class Runner:
             self._load(state)
         else:
             self.model = GaussianHeadAvatar(self.avatar_cfg, self._initial_cloud()).to(self.device)
-            self.optimizer = torch.optim.Adam(self.model.param_groups(c.lr_net, c.lr_preset),
-                                              eps=1e-15)
+            self.optimizers = make_optimizers(self.model, c.lr_net, c.lr_preset)
+            self.strategy = self._make_strategy()
             self._write_config()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -212,10 +214,18 @@ class Runner:
         return init_ellipsoid((0.0, 0.0, 0.0), head_ellipsoid_radii(r), c.num_gaussians,
                               seed=c.seed, head_radius=r, pose_t_ref=t_ref)
 
+    def _make_strategy(self):
+        try:
+            return make_strategy(self.cfg.strategy, self.cfg.densify,
+                                 float(self.model.head_radius), self.device)
+        except ValueError as err:
+            raise RafDataError(None, str(err)) from None
+
     def _write_config(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         info = {"train": self.cfg.to_dict(), "avatar": self.avatar_cfg.to_dict(),
                 "loss": self.loss_description, "device": str(self.device),
+                "strategy": type(self.strategy).__name__,
                 "render_size": [self.width, self.height], "subject": self.dataset.subject,
                 "train_images": len(self.dataset)}
         (self.out / "config.json").write_text(json.dumps(info, indent=2))
@@ -246,11 +256,13 @@ class Runner:
         pred = torch.stack(preds)
         self.strategy.step_pre_backward(renders)
         loss, parts = self.loss_fn(pred, target)
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         self._decay_position_lr()
-        self.optimizer.step()
-        refined = self.strategy.step_post_backward(self.step, self.model, self.optimizer,
+        for opt in self.optimizers.values():
+            opt.step()
+        refined = self.strategy.step_post_backward(self.step, self.model, self.optimizers,
                                                    renders)
         with torch.no_grad():
             value = float(psnr(pred.detach().clamp(0, 1), target).mean())
@@ -267,9 +279,8 @@ class Runner:
             base = self.model.param_groups(self.cfg.lr_net, self.cfg.lr_preset)
             self._xyz_lr0 = next(g["lr"] for g in base if g["name"] == "xyz")
         lr0 = self._xyz_lr0
-        for group in self.optimizer.param_groups:
-            if group.get("name") == "xyz":
-                group["lr"] = lr0 * 0.01 ** (self.step / max(1, self.cfg.iters))
+        for group in self.optimizers["xyz"].param_groups:
+            group["lr"] = lr0 * 0.01 ** (self.step / max(1, self.cfg.iters))
 
     # -- loop ------------------------------------------------------------------------------
     def train(self, progress: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
@@ -326,11 +337,13 @@ class Runner:
             "config": json.dumps(self.cfg.to_dict()),
             "avatar_config": json.dumps(self.avatar_cfg.to_dict()),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "strategy": self.strategy.state_dict(),
             "loader": self.loader.state_dict(),
             "swaps": self.swaps.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # gsplat's split draws from the CUDA generator
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
         }
 
     def save_checkpoint(self) -> Path:
@@ -349,15 +362,25 @@ class Runner:
         self.avatar_cfg = AvatarConfig.from_dict(json.loads(state["avatar_config"]))
         self.model = GaussianHeadAvatar.from_state_dict(self.avatar_cfg, state["model"])
         self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.model.param_groups(self.cfg.lr_net, self.cfg.lr_preset), eps=1e-15)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.strategy = SimpleStrategy(self.cfg.densify)
+        self.optimizers = make_optimizers(self.model, self.cfg.lr_net, self.cfg.lr_preset)
+        for key, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][key])
+        self.strategy = self._make_strategy()
         self.strategy.load_state_dict(state["strategy"])
         self.loader.load_state_dict(state["loader"])
         self.swaps.load_state_dict(state["swaps"])
         torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = int(state["step"])
+
+
+def make_optimizers(model: GaussianHeadAvatar, lr_net: float,
+                    preset: str) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per per-Gaussian tensor (keyed like ``model.gaussians``) plus ``networks``:
+    gsplat's convention, which its strategies rely on; rates from ``model.param_groups``."""
+    return {g["name"]: torch.optim.Adam([g], eps=1e-15)
+            for g in model.param_groups(lr_net, preset)}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -383,4 +406,4 @@ def load_avatar(path: str | Path, device: str | torch.device = "cpu") -> Gaussia
 
 
 __all__ = ["CPU_DEFAULTS", "GPU_DEFAULTS", "Runner", "TrainConfig", "load_avatar",
-           "load_checkpoint", "render_size"]
+           "load_checkpoint", "make_optimizers", "render_size"]

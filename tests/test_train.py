@@ -57,11 +57,16 @@ def test_raf_swap_rate_is_logged(banked_store, tmp_path):
     assert abs(_metrics(tmp_path / "raf")[-1]["swap_rate_total"] - summary["swap_rate"]) < 1e-9
 
 
-def test_resume_equals_uninterrupted(banked_store, tmp_path):
+@pytest.mark.parametrize("strategy", ["simple", "gsplat"])
+def test_resume_equals_uninterrupted(banked_store, tmp_path, strategy):
+    if strategy == "gsplat":
+        pytest.importorskip("gsplat.strategy")
+    # gsplat's strategy has no cap: a small threshold keeps its growth modest instead
     densify = DensifyConfig(refine_start=1, refine_stop=100, refine_every=3, reset_every=7,
-                            grow_grad2d=0.0, max_gaussians=600)
+                            grow_grad2d=0.0 if strategy == "simple" else 2e-4,
+                            max_gaussians=600 if strategy == "simple" else None)
     common = dict(store=str(banked_store), subject="443", aug="raf", seed=3, densify=densify,
-                  **TINY)
+                  strategy=strategy, **TINY)
     straight = Runner(TrainConfig(iters=10, out=str(tmp_path / "a"), **common),
                       warn=lambda m: None)
     straight.train()
