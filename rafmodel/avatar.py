@@ -478,7 +478,11 @@ class GaussianHeadAvatar(nn.Module):
     """
 
     def __init__(self, cfg: AvatarConfig, init: PointCloudInit,
-                 anchors: Tensor | None = None) -> None:
+                 anchors: Tensor | None = None,
+                 setup_device: torch.device | str = "cpu") -> None:
+        """``setup_device``: where the initial scales' nearest-neighbour search runs (brute
+        force, O(N^2): seconds for GHA's 100k points on a CPU, milliseconds on a GPU); the
+        module itself is built on the CPU either way."""
         super().__init__()
         self.cfg = cfg
         xyz = init.xyz.detach().float().cpu()
@@ -499,7 +503,8 @@ class GaussianHeadAvatar(nn.Module):
         if cfg.init_scale is not None:
             log_s = torch.full((n, 3), math.log(cfg.init_scale * r))
         else:
-            log_s = 0.5 * torch.log(knn_mean_sq_dist(xyz).clamp_min(1e-14))[:, None].repeat(1, 3)
+            d2 = knn_mean_sq_dist(xyz.to(setup_device)).cpu()
+            log_s = 0.5 * torch.log(d2.clamp_min(1e-14))[:, None].repeat(1, 3)
         rot = torch.zeros(n, 4)
         rot[:, 0] = 1.0
         if init.rgb is not None and cfg.base_color:
