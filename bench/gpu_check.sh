@@ -28,3 +28,13 @@ timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_render.py
 
 echo "== training speed"
 timeout "${TRAIN_TIMEOUT:-200}" python3 bench/bench_train.py --cuda "$STORE" 2>&1 | tee "$OUT/train_cuda.md" | tail -n 30
+
+echo "== rafmodel train + eval on CUDA (CLI)"
+RUN=${RUN_DIR:-/tmp/gpu-check-run}
+rm -rf "$RUN"
+timeout 150 python3 -c 'import sys; from cli.rafmodel import main; sys.exit(main())' \
+  train "$STORE" --subject 388 --iters 60 --out "$RUN" --quiet 2>&1 | tail -n 5
+timeout 150 python3 -c 'import sys; from cli.rafmodel import main; sys.exit(main())' \
+  eval "$RUN" "$STORE" --frames 2 --no-videos --quiet 2>&1 | tail -n 15
+cp "$RUN/config.json" "$OUT/run_config.json" 2>/dev/null
+find "$RUN/eval" -maxdepth 1 -name "*.json" -exec cp {} "$OUT/" \; 2>/dev/null

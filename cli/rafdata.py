@@ -39,10 +39,12 @@ def main() -> None:
 @click.option("--layout", type=click.Choice(["nersemble", "gha"]), default="nersemble",
               show_default=True, help="NeRSemble v2 raw layout or GHA preprocessed layout.")
 @click.option("--no-alpha", is_flag=True, help="Do not write alpha_maps videos.")
+@click.option("--sensor-noise", type=float, default=None,
+              help="Camera noise std in 8-bit levels added to colour frames (default 2).")
 @click.option("--seed", type=int, default=None)
 @click.option("--quiet", is_flag=True)
 def synth(out: Path, participants, sequences, cameras, frames, frame_step, width, height,
-          tracking, layout, no_alpha, seed, quiet) -> None:
+          tracking, layout, no_alpha, sensor_noise, seed, quiet) -> None:
     """Write a small synthetic dataset with known coefficients to OUT."""
     from dataclasses import replace
 
@@ -53,6 +55,7 @@ def synth(out: Path, participants, sequences, cameras, frames, frame_step, width
         "participants": split_list(participants), "sequences": split_list(sequences),
         "cameras": split_list(cameras), "frames": frames, "frame_step": frame_step,
         "width": width, "height": height, "tracking": tracking, "seed": seed,
+        "sensor_noise": sensor_noise,
     }
     cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if no_alpha:

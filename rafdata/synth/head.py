@@ -43,6 +43,11 @@ NOSE_TIP = np.array([0.0, -0.16, 1.0])
 FOREHEAD = np.array([0.0, 0.45, 0.82])
 CHIN = np.array([0.0, -0.8, 0.8])
 
+# Fine surface detail: waves per part, frequency range (radians per canonical unit, i.e. per
+# ~head radius), relative colour amplitude on hair-like and on skin-like parts.
+DETAIL_WAVES = 8
+DETAIL_FREQ = (60.0, 500.0)
+DETAIL_HAIR, DETAIL_SKIN = 0.18, 0.06
 _BASIS_SEED = 20240605  # fixed: the expression basis is shared by all identities and datasets
 _KEY_LIGHT = np.array([0.35, 0.55, 0.75])
 _FILL_LIGHT = np.array([-0.7, 0.05, 0.55])
@@ -359,6 +364,19 @@ class SynthHead:
         self._tex_dirs = rng.normal(size=(len(proto), 2, 3))
         self._tex_dirs /= np.linalg.norm(self._tex_dirs, axis=-1, keepdims=True)
         self._tex_phase = rng.uniform(0, 2 * np.pi, (len(proto), 2))
+        # Fine detail (hair strands, pores, fabric): waves down to a few pixels at 512 px, so
+        # frames cost what real footage costs to encode and decode (smooth-only heads make
+        # video, JPEG and compression benchmarks far too easy).
+        rng = np.random.default_rng(_BASIS_SEED + 2)
+        dirs = rng.normal(size=(len(proto), DETAIL_WAVES, 3))
+        dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
+        freqs = DETAIL_FREQ[0] * (DETAIL_FREQ[1] / DETAIL_FREQ[0]) ** rng.uniform(
+            0, 1, (len(proto), DETAIL_WAVES, 1))
+        self._detail_k = dirs * freqs  # (E, K, 3) radians per canonical unit
+        self._detail_phase = rng.uniform(0, 2 * np.pi, (len(proto), DETAIL_WAVES))
+        amp = freqs[..., 0] ** -0.5
+        self._detail_amp = amp / np.sqrt((amp**2).sum(axis=1, keepdims=True) / 2)  # unit std
+        self._detail = np.where(self._tex >= 0.2, DETAIL_HAIR, DETAIL_SKIN)
 
     @classmethod
     def from_manifest(cls, root: Path, participant: str) -> SynthHead:
@@ -489,6 +507,8 @@ class SynthHead:
                     2.3 * f * (p @ dirs[1]) + ph[1]
                 )
                 col = col * (1.0 + parts.tex[e] * tex)[:, None]
+            detail = np.sin(p @ self._detail_k[e].T + self._detail_phase[e]) @ self._detail_amp[e]
+            col = col * (1.0 + self._detail[e] * detail)[:, None]
             rgb[rr, cc] = col
         covered = (index >= 0).astype(np.float64)
         alpha = covered.reshape(height, ss, width, ss).mean(axis=(1, 3))

@@ -7,12 +7,11 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
 from rafdata.errors import SourceError
-from rafdata.synth.config import EXP_DIM, FPS, HELD_OUT_SEQUENCE, ID_DIM, SynthConfig
+from rafdata.synth.config import EXP_DIM, FPS, HELD_OUT_SEQUENCE, ID_DIM, SynthConfig, rng_for
 from rafdata.synth.head import SEMANTIC_DIMS, SynthHead, composite
 from rafdata.synth.motion import (
     HEAD_SCALE,
@@ -41,8 +40,11 @@ class VideoWriter:
     """
 
     def __init__(self, path: Path, width: int, height: int, grey: bool = False):
+        import av  # here, not at the top: readers of synth data (evaluation) need no encoder
+
         path.parent.mkdir(parents=True, exist_ok=True)
         self.grey = grey
+        self._av = av
         self.container = av.open(str(path), mode="w")
         self.stream = self.container.add_stream("libx264", rate=FPS)
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
@@ -51,7 +53,7 @@ class VideoWriter:
         self.stream.options = {"crf": str(VIDEO_CRF), "preset": "veryfast", "threads": "1"}
 
     def write(self, image: np.ndarray) -> None:
-        frame = av.VideoFrame.from_ndarray(
+        frame = self._av.VideoFrame.from_ndarray(
             np.ascontiguousarray(image), format="gray" if self.grey else "rgb24"
         )
         for packet in self.stream.encode(frame):
@@ -155,7 +157,17 @@ def render_sequence(
                 cfg.height,
             )
             matte = np.clip(np.round(alpha * 255.0), 0, 255).astype(np.uint8)
-            yield int(f), serial, composite(rgb, alpha, bgs[serial]), matte
+            frame = composite(rgb, alpha, bgs[serial])
+            if cfg.sensor_noise > 0:
+                noise = rng_for(cfg.seed, participant, sequence, serial, int(f), "sensor")
+                frame = add_sensor_noise(frame, cfg.sensor_noise, noise)
+            yield int(f), serial, frame, matte
+
+
+def add_sensor_noise(frame: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """``frame`` (H, W, 3) uint8 plus N(0, std^2) levels per pixel and channel, rounded."""
+    noisy = frame + rng.normal(0.0, std, frame.shape).astype(np.float32)
+    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
