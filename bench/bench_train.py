@@ -108,7 +108,8 @@ def run(quick: bool = False) -> str:
         "blocked in `next(loader)` over total step time, measured in the same runs.",
         table(["loader workers", "render side", "steps/s", "data wait", "Gaussians at end"],
               results),
-        "No GPU was lent to the session that wrote this: CUDA training speed is not measured.",
+        "CUDA training speed: [benchmarks-cuda.md](benchmarks-cuda.md) (measured on a lent "
+        "H200 with `bench/gpu_check.sh`).",
     ])
 
 

@@ -23,6 +23,12 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def best_of(n: int, fn: Callable[[], object]) -> float:
+    """Seconds of the fastest of ``n`` calls: the run least disturbed by the rest of the
+    machine (page-cache writeback, other processes)."""
+    return min(timed(fn)[0] for _ in range(n))
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

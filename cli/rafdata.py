@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cli.common import FriendlyGroup, split_list
 from rafdata.progress import RichProgress
+from rafdata.store import COMPRESSIONS, DEFAULT_COMPRESSION
 
 console = Console(soft_wrap=True)  # long paths must stay on one line
 MAX_ROWS = 40  # longer tables are summarised in the terminal; --json has every row
@@ -97,8 +98,8 @@ def synth(out: Path, participants, sequences, cameras, frames, frame_step, width
 @click.option("--size", type=int, nargs=2, default=None, metavar="W H", help="Output size.")
 @click.option("--color-correct", is_flag=True, help="Apply color_calibration.json.")
 @click.option("--workers", type=int, default=None, help="Decoding threads (default: cores).")
-@click.option("--compression", type=click.Choice(["blosc-lz4", "blosc-zstd", "gzip", "lzf",
-                                                  "none"]), default="blosc-lz4",
+@click.option("--compression", type=click.Choice(list(COMPRESSIONS)),
+              default=DEFAULT_COMPRESSION,
               show_default=True)
 @click.option("--strict", is_flag=True, help="Stop on a bad camera instead of skipping it.")
 @click.option("--quiet", is_flag=True)

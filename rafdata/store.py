@@ -76,9 +76,14 @@ _IMAGE_COLUMNS = {
     "mask_crc": np.uint32,  # CRC-32 of the raw mask bytes; 0 without a mask
 }
 
-COMPRESSIONS = ("blosc-lz4", "blosc-zstd", "gzip", "lzf", "none")
-DEFAULT_COMPRESSION = "blosc-lz4"  # chosen by bench/bench_store.py, see docs/benchmarks.md
-_BLOSC = {"blosc-lz4": ("lz4", 5), "blosc-zstd": ("zstd", 3)}
+COMPRESSIONS = ("blosc-blosclz", "blosc-lz4", "blosc-zstd", "gzip", "lzf", "none")
+# Chosen by measurement (bench/bench_store.py, bench/bench_ingest.py; docs/benchmarks.md): on
+# frames with real-camera noise LZ4 shrinks colour only ~1.2x, for ~1 ms of CPU per 512 px
+# image at ingest and 4x slower reads; BloscLZ-1 keeps mattes ~25x smaller at almost no cost.
+DEFAULT_COMPRESSION = "blosc-blosclz"
+# Blosc codecs: (compressor, level). BloscLZ at level 1 gives up quickly on blocks it cannot
+# shrink (noisy colour) and still packs mattes ~25x: compression only where it is cheap.
+_BLOSC = {"blosc-blosclz": ("blosclz", 1), "blosc-lz4": ("lz4", 5), "blosc-zstd": ("zstd", 3)}
 
 
 def compression_options(name: str, checksum: bool = True) -> dict[str, Any]:
@@ -129,7 +134,7 @@ class EncodedImage:
 
     shape: tuple[int, ...]
     crc: int
-    payload: bytes | None
+    payload: bytes | memoryview | None
     array: np.ndarray | None
 
 
@@ -144,9 +149,10 @@ class ImageCodec:
     def __init__(self, name: str = DEFAULT_COMPRESSION, direct: bool = True):
         compression_options(name)  # validates the name
         self.name = name
-        self.direct = direct and name in _BLOSC
-        if self.direct:
-
+        # Blosc chunks are compressed here; "none" chunks are the raw bytes. Both go to the
+        # file with write_direct_chunk, skipping HDF5's per-write selection machinery.
+        self.direct = direct and (name in _BLOSC or name == "none")
+        if self.direct and name in _BLOSC:
             _blosc_for_threads()
 
     def encode(self, image: np.ndarray) -> EncodedImage:
@@ -155,6 +161,8 @@ class ImageCodec:
         crc = zlib.crc32(data)
         if not self.direct:
             return EncodedImage(data.shape, crc, None, data)
+        if self.name == "none":
+            return EncodedImage(data.shape, crc, memoryview(data).cast("B"), None)
         import blosc
 
         cname, level = _BLOSC[self.name]
@@ -171,6 +179,14 @@ def blosc_only(ds: h5py.Dataset) -> bool:
     they can be written and read raw (any other filter, e.g. a checksum, changes the bytes)."""
     dcpl = ds.id.get_create_plist()
     return dcpl.get_nfilters() == 1 and dcpl.get_filter(0)[0] == BLOSC_FILTER_ID
+
+
+def _takes_direct(ds: h5py.Dataset, compression: str) -> bool:
+    """Chunks made by ``ImageCodec(compression)`` can be written raw into ``ds``: its filters
+    are exactly Blosc (Blosc codecs) or none at all ("none")."""
+    if compression in _BLOSC:
+        return blosc_only(ds)
+    return compression == "none" and ds.id.get_create_plist().get_nfilters() == 0
 
 
 def check_format(f: h5py.File, path: Path) -> None:
@@ -567,7 +583,7 @@ class StoreWriter:
         if stored and stored != compression:  # chunks must match the dataset's filter
             self.compression = str(stored)
             self.codec = ImageCodec(self.compression)
-        if "rgb" in im and self.codec.direct and not blosc_only(im["rgb"]):
+        if "rgb" in im and self.codec.direct and not _takes_direct(im["rgb"], self.compression):
             self.codec = ImageCodec(self.compression, direct=False)  # let HDF5 filter it
 
     # -- schema ----------------------------------------------------------------------------

@@ -34,12 +34,13 @@ def write_store(
     size: tuple[int, int] = (24, 32),
     masks: bool = True,
     seed: int = 0,
+    compression: str | None = None,
 ) -> dict:
     """A store with random images; returns the ground truth written, keyed by (id, seq)."""
     rng = np.random.default_rng(seed)
     truth = {}
     h, w = size
-    with StoreWriter(path) as writer:
+    with StoreWriter(path, **({"compression": compression} if compression else {})) as writer:
         for pid in identities:
             for seq in sequences:
                 frames, exp, pose, scale = fake_sequence(rng, t, d)
