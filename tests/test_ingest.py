@@ -360,3 +360,61 @@ def test_history_recorded(synth_bfm, bfm_store):
         history = json.loads(s.attrs["ingest_history"])
     assert history[0]["config"]["held_out"] == ["FREE"] or history[0]["config"]["held_out"] == (
         "FREE",)
+
+
+def _break_mid_decode(monkeypatch, broken: Path, after: int = 2) -> None:
+    """Make decoding ``broken`` fail after ``after`` frames, as a damaged stream that probing
+    cannot see does."""
+    from rafdata.sources import nersemble
+
+    real = nersemble.video.read_frames
+
+    def read_frames(path, frames, **kw):
+        it = real(path, frames, **kw)
+        if Path(path) != broken:
+            return it
+
+        def failing():
+            for i, frame in enumerate(it):
+                if i == after:
+                    raise SourceError(path, f"decoding failed at frame {i + 1}")
+                yield frame
+        return failing()
+
+    monkeypatch.setattr(nersemble.video, "read_frames", read_frames)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_camera_failing_mid_decode_is_dropped_and_the_sequence_redone(synth_copy, tmp_path,
+                                                                       monkeypatch, workers):
+    """The failure surfaces while other sequences decode ahead; the sequence is written again
+    without that camera and every other sequence stays complete."""
+    broken = synth_copy / "422" / "sequences" / "EXP-1-head" / "images" / "cam_222200038.mp4"
+    _break_mid_decode(monkeypatch, broken)
+    report = ingest(synth_copy, tmp_path / "o.h5", IngestConfig(workers=workers))
+    assert any("cam_222200038.mp4" in w and "decoding failed" in w for w in report.warnings)
+    with Store(tmp_path / "o.h5") as s:
+        rows = s.image_rows(identity="422", sequences=["EXP-1-head"])
+        assert {s.cameras.serial[c] for c in s.image_camera[rows]} == {"222200037"}
+        assert s.n_images == 6 * 2 * 4 - 4 == report.images
+        assert check_invariants(s) == [] and verify(s).ok
+        ref = decode_all(synth_copy / "422" / "sequences" / "EXP-1-head" / "images"
+                         / "cam_222200037.mp4")
+        np.testing.assert_array_equal(s.read_rgb(int(rows[0])), ref[0])
+    with pytest.raises(SourceError, match="cam_222200038.mp4"):
+        ingest(synth_copy, tmp_path / "strict.h5", IngestConfig(strict=True, workers=workers))
+
+
+def test_error_found_ahead_stops_only_at_its_sequence(synth_copy, tmp_path):
+    """A frame-count mismatch in the last sequence is found while earlier ones are written
+    (the decoders plan one sequence ahead); those are committed, the run stops at it."""
+    params = synth_copy / "443" / "sequences" / "FREE" / "params"
+    shutil.copytree(params / "0006", params / "0040")
+    with pytest.raises(FrameCountError):
+        ingest(synth_copy, tmp_path / "o.h5", IngestConfig(workers=2))
+    with Store(tmp_path / "o.h5") as s:
+        assert len(s.sequences) == 5
+        assert check_invariants(s) == []
+    shutil.rmtree(params / "0040")
+    report = ingest(synth_copy, tmp_path / "o.h5", IngestConfig(workers=2))
+    assert report.written == ["443/FREE"] and len(report.skipped) == 5
