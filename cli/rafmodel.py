@@ -74,6 +74,8 @@ def env(device: str, as_json: bool) -> None:
               help="Longest rendered side [default: 512 on CUDA, 128 on CPU].")
 @click.option("--num-gaussians", type=int, default=None,
               help="Initial Gaussians [default: 100000 on CUDA, 3000 on CPU].")
+@click.option("--mlp-width", type=int, default=None,
+              help="Width of the deformation MLPs [default: 256 on CUDA (GHA), 128 on CPU].")
 @click.option("--vgg-weights", type=click.Path(path_type=Path), default=None,
               help="torchvision VGG16 checkpoint for the LPIPS loss (default: torch hub cache).")
 @click.option("--lpips-weights", type=click.Path(path_type=Path), default=None,
@@ -83,8 +85,9 @@ def env(device: str, as_json: bool) -> None:
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True)
 @click.option("--quiet", is_flag=True)
 def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, seed, device,
-          backend, strategy, batch_size, workers, cameras, resolution, num_gaussians, vgg_weights,
-          lpips_weights, log_every, preview_every, checkpoint_every, quiet) -> None:
+          backend, strategy, batch_size, workers, cameras, resolution, num_gaussians,
+          mlp_width, vgg_weights, lpips_weights, log_every, preview_every, checkpoint_every,
+          quiet) -> None:
     """Train SUBJECT's avatar from STORE with RAF (or a baseline)."""
     from rafdata.progress import RichProgress
     from rafmodel.losses import LossConfig
@@ -95,6 +98,7 @@ def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, see
         topk=topk, noise_std=noise_std, bank=bank, iters=iters, seed=seed, device=device,
         backend=backend, strategy=strategy, batch_size=batch_size, workers=workers,
         cameras=split_list(cameras), resolution=resolution, num_gaussians=num_gaussians,
+        mlp_width=mlp_width,
         log_every=log_every, preview_every=preview_every, checkpoint_every=checkpoint_every,
         loss=LossConfig(vgg_weights=str(vgg_weights) if vgg_weights else None,
                         lpips_weights=str(lpips_weights) if lpips_weights else None),
