@@ -305,10 +305,10 @@ class SynthGroundTruth:
     """
 
     def __init__(self, manifest: dict):
-        from rafdata.synth import SynthConfig
+        from rafdata.synth.writer import config_of
 
         self.manifest = manifest
-        self.config = SynthConfig.from_dict(manifest["config"])
+        self.config = config_of(manifest)
         self.participants: dict = manifest.get("participants", {})
         self._heads: dict[str, Any] = {}
 
@@ -326,13 +326,15 @@ class SynthGroundTruth:
     def head(self, participant: str):
         """The participant's :class:`rafdata.synth.SynthHead` (cached)."""
         from rafdata.synth import SynthHead
+        from rafdata.synth.writer import has_detail
 
         key = self._key(participant)
         if key is None:
             raise KeyError(participant)
         if key not in self._heads:
             coeff = self.participants[key]["id_coeff"]
-            self._heads[key] = SynthHead(np.asarray(coeff, dtype=np.float64))
+            self._heads[key] = SynthHead(np.asarray(coeff, dtype=np.float64),
+                                         detail=has_detail(self.manifest))
         return self._heads[key]
 
     def true_coefficients(self, participant: str, sequence: str) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -12,6 +14,7 @@ from PIL import Image
 
 from rafdata.errors import RafDataError, SourceError
 from rafdata.synth import (
+    EXP_DIM,
     NOSE_TIP,
     SynthConfig,
     SynthHead,
@@ -341,3 +344,35 @@ def test_manifest_and_config_errors(nersemble_root, tmp_path):
         SynthConfig(width=33)
     with pytest.raises(RafDataError, match="tracking"):
         SynthConfig(tracking="mano")
+
+
+def test_frames_carry_camera_noise_and_detail(nersemble_root):
+    """Version 2 data: colour frames differ from the clean render by seeded camera noise of the
+    configured strength; heads carry fine detail that a version 1 manifest turns off."""
+    from rafdata.synth import render_sequence
+
+    root, _ = nersemble_root
+    clean = replace(TINY, sensor_noise=0.0)
+    noisy = [f for _, _, f, _ in render_sequence(TINY, "388", "FREE", np.arange(2))]
+    again = [f for _, _, f, _ in render_sequence(TINY, "388", "FREE", np.arange(2))]
+    flat = [f for _, _, f, _ in render_sequence(clean, "388", "FREE", np.arange(2))]
+    diff = np.stack(noisy).astype(float) - np.stack(flat)
+    assert np.array_equal(np.stack(noisy), np.stack(again))  # seeded
+    assert abs(diff.std() - TINY.sensor_noise) < 0.3 and abs(diff.mean()) < 0.2
+
+    coeff = np.asarray(load_manifest(root)["participants"]["388"]["id_coeff"])
+    detailed = _frontal_render(SynthHead(coeff), np.zeros(EXP_DIM))[0]
+    smooth = _frontal_render(SynthHead(coeff, detail=False), np.zeros(EXP_DIM))[0]
+    assert np.abs(detailed - smooth).mean() > 1e-3
+    np.testing.assert_array_equal(
+        _frontal_render(SynthHead.from_manifest(root, "388"), np.zeros(EXP_DIM))[0], detailed)
+
+    old = root.parent / "v1"
+    shutil.copytree(root, old, dirs_exist_ok=True)
+    manifest = json.loads((old / "synth.json").read_text())
+    manifest["version"] = 1
+    del manifest["config"]["sensor_noise"]
+    (old / "synth.json").write_text(json.dumps(manifest))
+    assert manifest_config(old).sensor_noise == 0.0
+    np.testing.assert_array_equal(
+        _frontal_render(SynthHead.from_manifest(old, "388"), np.zeros(EXP_DIM))[0], smooth)

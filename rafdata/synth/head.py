@@ -348,7 +348,9 @@ class SynthHead:
     texture fixed to the head (canonical space) so views carry matchable detail.
     """
 
-    def __init__(self, id_coeff: np.ndarray):
+    def __init__(self, id_coeff: np.ndarray, detail: bool = True):
+        """``detail=False``: without the fine surface detail, as heads of manifest version 1
+        (data written before it existed) were rendered."""
         self.id_coeff = np.asarray(id_coeff, dtype=np.float64).reshape(ID_DIM)
         self.ip = identity_params(self.id_coeff)
         proto = _part_list(self.ip, np.zeros(EXP_DIM))
@@ -376,13 +378,13 @@ class SynthHead:
         self._detail_phase = rng.uniform(0, 2 * np.pi, (len(proto), DETAIL_WAVES))
         amp = freqs[..., 0] ** -0.5
         self._detail_amp = amp / np.sqrt((amp**2).sum(axis=1, keepdims=True) / 2)  # unit std
-        self._detail = np.where(self._tex >= 0.2, DETAIL_HAIR, DETAIL_SKIN)
+        self._detail = np.where(self._tex >= 0.2, DETAIL_HAIR, DETAIL_SKIN) * float(detail)
 
     @classmethod
     def from_manifest(cls, root: Path, participant: str) -> SynthHead:
         """The head of ``participant`` as written to ``root/synth.json`` (exact re-render)."""
         from rafdata.errors import SourceError
-        from rafdata.synth.writer import load_manifest
+        from rafdata.synth.writer import has_detail, load_manifest
 
         manifest = load_manifest(Path(root))
         try:
@@ -391,7 +393,7 @@ class SynthHead:
             raise SourceError(
                 Path(root) / "synth.json", f"no participant {participant!r} in the manifest"
             ) from None
-        return cls(np.asarray(coeff, dtype=np.float64))
+        return cls(np.asarray(coeff, dtype=np.float64), detail=has_detail(manifest))
 
     def parts(self, exp: np.ndarray) -> Parts:
         """Ellipsoids of this head with expression ``exp`` (64,), canonical space."""

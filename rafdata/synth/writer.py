@@ -26,7 +26,8 @@ from rafdata.synth.rig import background_image, camera_rig, color_calibration
 
 MANIFEST = "synth.json"
 MANIFEST_FORMAT = "rafdata-synth"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: heads with fine surface detail, frames with camera noise
+_READABLE_VERSIONS = (1, 2)
 VIDEO_CRF = 12  # near-lossless: tests compare decoded frames with fresh renders
 JPEG_QUALITY = 95
 
@@ -76,14 +77,27 @@ def load_manifest(root: Path) -> dict:
         raise SourceError(path, f"unreadable manifest: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise SourceError(path, f"not a {MANIFEST_FORMAT} manifest")
-    if manifest.get("version") != MANIFEST_VERSION:
+    if manifest.get("version") not in _READABLE_VERSIONS:
         raise SourceError(path, f"manifest version {manifest.get('version')!r} is not supported")
     return manifest
 
 
 def manifest_config(root: Path) -> SynthConfig:
     """The SynthConfig a dataset was written with."""
-    return SynthConfig.from_dict(load_manifest(root)["config"])
+    return config_of(load_manifest(root))
+
+
+def config_of(manifest: dict) -> SynthConfig:
+    """The SynthConfig of a manifest; version 1 data had no camera noise."""
+    cfg = dict(manifest["config"])
+    if manifest.get("version", 1) < 2:
+        cfg.setdefault("sensor_noise", 0.0)
+    return SynthConfig.from_dict(cfg)
+
+
+def has_detail(manifest: dict) -> bool:
+    """Whether the manifest's heads carry fine surface detail (version 2 on)."""
+    return manifest.get("version", 1) >= 2
 
 
 def _manifest(cfg: SynthConfig, layout: str, extra: dict | None = None) -> dict:
