@@ -164,7 +164,7 @@ def _print_summary(info: dict) -> None:
     head = Table(title=f"{info['path']}", show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
-    ratio = info["image_compression_ratio"]
+    ratio, mask_ratio = info["image_compression_ratio"], info["mask_compression_ratio"]
     for k, v in (
         ("format version", info["format_version"]),
         ("expression space", f"{info['exp_space'] or '-'} ({info['exp_dim']} dims)"),
@@ -175,7 +175,8 @@ def _print_summary(info: dict) -> None:
         ("images", f"{info['images']} ({info['images_with_mask']} with mask)"),
         ("resolution", f"{w} x {h}" if w else "-"),
         ("compression", f"{info['compression'] or '-'}"
-                        + (f", images {ratio:.2f}x" if ratio else "")),
+                        + (f", colour {ratio:.2f}x" if ratio else "")
+                        + (f", mattes {mask_ratio:.1f}x" if mask_ratio else "")),
         ("file size", _human(info["file_bytes"])),
         ("synthetic", "yes" if info["synthetic"] else "no"),
     ):

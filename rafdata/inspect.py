@@ -62,9 +62,11 @@ def summarize(store: Store) -> dict[str, Any]:
         s, r = _storage(ds)
         stored += s
         raw += r
-    img_stored, img_raw = 0, 0
+    img_stored = img_raw = mask_stored = mask_raw = 0
     if "rgb" in f["images"]:
         img_stored, img_raw = _storage(f["images/rgb"])
+    if "mask" in f["images"]:
+        mask_stored, mask_raw = _storage(f["images/mask"])
     banks = []
     if "banks" in f:
         for name in bank_names(store):
@@ -98,6 +100,7 @@ def summarize(store: Store) -> dict[str, Any]:
         "data_bytes_raw": raw,
         "data_bytes_stored": stored,
         "image_compression_ratio": (img_raw / img_stored) if img_stored else None,
+        "mask_compression_ratio": (mask_raw / mask_stored) if mask_stored else None,
         "banks": banks,
     }
 

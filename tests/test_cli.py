@@ -28,12 +28,16 @@ def test_inspect_json_and_verify(runner, bfm_store):
     assert info["verify"]["ok"] and info["verify"]["chunks_read"] > 48
     assert [i["name"] for i in info["identities"]] == ["388", "422", "443"]
     assert sum(s["held_out"] for s in info["sequences"]) == 3
+    # mattes (mostly 0 and 255) shrink a lot more than noisy colour frames
+    assert info["compression"] == "blosc-blosclz"
+    assert info["mask_compression_ratio"] > 2 * info["image_compression_ratio"] > 1.5
 
 
 def test_inspect_tables(runner, bfm_store):
     res = runner.invoke(rafdata, ["inspect", str(bfm_store)])
     assert res.exit_code == 0
     assert "bfm09 (64 dims)" in res.output and "held out" in res.output and "48 x 64" in res.output
+    assert "colour " in res.output and "mattes " in res.output
 
 
 def test_verify_failure_exits_one(runner, bfm_store, tmp_path):
