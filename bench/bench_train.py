@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 
-from common import SCRATCH, synth_dataset, table
+from common import SCRATCH, synth_dataset, table, video_dataset
 
 
 def _store():
@@ -92,6 +92,56 @@ def run_cuda(store: str, iters: int = 300) -> str:
     ])
 
 
+class _FloatItems:
+    """The loader's former item format: images and mattes as float32 in [0, 1], converted in
+    the worker (the baseline of the loader benchmark)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        from rafmodel.data import to_unit
+
+        item = self.ds[key]
+        return {**item, "image": to_unit(item["image"]), "mask": to_unit(item["mask"])}
+
+
+def _loader_rate(ds, n: int, pack: bool = True) -> float:
+    """Samples per second through a 2-worker loader, after its first batch."""
+    from rafmodel.data import InfiniteLoader, make_loader
+
+    it = InfiniteLoader(make_loader(ds, batch_size=1, workers=2, shuffle=True, seed=0,
+                                    pin_memory=False, pack=pack))
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return n / (time.perf_counter() - t0)
+
+
+def _loader_rows(quick: bool) -> tuple[str, list[list[str]]]:
+    from rafdata.ingest import IngestConfig, ingest
+    from rafmodel.data import AugmentConfig, SubjectDataset
+
+    src, size, _ = video_dataset(quick)
+    store = SCRATCH / f"loader-{size}.h5"
+    if not store.exists():
+        ingest(src, store, IngestConfig(participants=("388",)))
+    ds = SubjectDataset(store, "388", AugmentConfig(mode="vanilla"), split="train")
+    n = 60 if quick else 200
+    cases = [("uint8 items, packed batches (make_loader's default)", ds, True),
+             ("uint8 items, one tensor per field", ds, False),
+             ("float32 images in the worker, one tensor per field (before)", _FloatItems(ds),
+              False)]
+    rates = [_loader_rate(d, n, pack) for _, d, pack in cases]
+    rows = [[label, f"{r:.0f}", f"{r / rates[0]:.2f}"]
+            for (label, _, _), r in zip(cases, rates, strict=True)]
+    return f"{size}x{size}", rows
+
+
 def run(quick: bool = False) -> str:
     store = _store()
     iters = 15 if quick else 40
@@ -101,6 +151,7 @@ def run(quick: bool = False) -> str:
             r = _run(store, workers, iters, res)
             results.append([str(workers), f"{res}", f"{r['it_s']:.2f}",
                             f"{100 * r['data_frac']:.1f}%", f"{r['gaussians']:.0f}"])
+    loader_size, loader_rows = _loader_rows(quick)
     return "\n\n".join([
         "## Training (CPU)",
         f"`rafmodel train` on a synthetic subject (96x136 stored images, 3000 initial "
@@ -110,6 +161,13 @@ def run(quick: bool = False) -> str:
               results),
         "CUDA training speed: [benchmarks-cuda.md](benchmarks-cuda.md) (measured on a lent "
         "H200 with `bench/gpu_check.sh`).",
+        "### Loader throughput",
+        f"Samples per second from `make_loader` (2 worker processes, batch 1, no pinning) over "
+        f"a {loader_size} store, in the same run: items carry images as stored (uint8; the "
+        "trainer converts them on its device) and batches cross between processes packed "
+        "(`BatchPacking`: images, mattes and one tensor for all other fields), against the "
+        "former float32 items with one tensor per field.",
+        table(["loader", "samples/s", "rate vs default"], loader_rows),
     ])
 
 

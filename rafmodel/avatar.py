@@ -270,18 +270,24 @@ class HullSample:
     image: Any = None
 
 
+def _unit(x: Any) -> Tensor:
+    """float32 in [0, 1]: uint8 arrays and tensors are divided by 255, floats kept."""
+    t = _as_tensor(x, torch.float32)
+    return t / 255.0 if getattr(x, "dtype", None) in (np.uint8, torch.uint8) else t
+
+
 def _mask01(m: Any) -> Tensor:
-    t = _as_tensor(m, torch.float32)
-    if t.ndim == 3:
-        t = t[..., 0]
-    return t / 255.0 if t.max() > 1.0 else t
+    t = _unit(m)
+    if t.ndim == 3:  # (1, H, W) as the dataset serves it, or (H, W, C)
+        t = t[0] if t.shape[0] == 1 else t[..., 0]
+    return t
 
 
 def _image01(im: Any) -> Tensor:
-    t = _as_tensor(im, torch.float32)
+    t = _unit(im)
     if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
         t = t.permute(1, 2, 0)  # (3, H, W) as the dataset serves it -> (H, W, 3)
-    return t / 255.0 if t.max() > 1.0 else t
+    return t
 
 
 def init_from_visual_hull(samples: Sequence[HullSample | tuple], n: int, *, seed: int = 0,

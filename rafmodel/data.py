@@ -33,6 +33,7 @@ Typical use::
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -42,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from rafdata.bank import bank_names
 from rafdata.errors import StoreError
@@ -181,6 +182,11 @@ def sample_rng(seed: int, epoch: int, index: int, aug_seed: int = 0) -> np.rando
     return np.random.default_rng([int(aug_seed), int(seed), int(epoch), int(index)])
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 image or matte (as items carry them) -> float32 in [0, 1], on x's device."""
+    return x.float().div_(255.0)
+
+
 class SubjectDataset(Dataset):
     """The images of one subject, with camera, coefficients and the augmented expression.
 
@@ -190,7 +196,9 @@ class SubjectDataset(Dataset):
     ``augment.seed``, the epoch and the image row it fixes every random draw of a sample.
 
     Item ``i`` (a dict of tensors, H x W the store's image size):
-        image (3,H,W) float32 in [0,1]; mask (1,H,W) float32 in [0,1] (ones without a matte);
+        image (3,H,W) uint8; mask (1,H,W) uint8, 255 = head (all 255 without a matte) (bytes
+        as stored: a quarter of float32 to pass between processes and pin; the trainer
+        converts on its device, see :func:`to_unit`);
         has_mask () bool; K (3,3) float32 pixels, OpenCV pixel centres; world_to_cam (4,4)
         float32; exp (D,) float32 (augmented); exp_orig (D,) float32 (e_t); pose (6,) float32
         axis-angle + translation; scale () float32; timestep, exp_source, camera, image_index
@@ -276,11 +284,11 @@ class SubjectDataset(Dataset):
         s = store.image(row)
         rng = sample_rng(self.seed, epoch, row, self.augment_cfg.seed)
         exp, swapped, src = self.augmenter(s.timestep, rng)
-        image = torch.from_numpy(s.rgb).permute(2, 0, 1).float().div_(255.0)
+        image = torch.from_numpy(s.rgb).permute(2, 0, 1)
         if s.mask is not None:
-            mask = torch.from_numpy(s.mask)[None].float().div_(255.0)
+            mask = torch.from_numpy(s.mask)[None]
         else:
-            mask = torch.ones((1,) + tuple(s.rgb.shape[:2]), dtype=torch.float32)
+            mask = torch.full((1,) + tuple(s.rgb.shape[:2]), 255, dtype=torch.uint8)
         return {
             "image": image,
             "mask": mask,
@@ -356,13 +364,65 @@ def seed_worker(worker_id: int) -> None:
         _ = info.dataset.store  # reopens lazily on first read, in this process
 
 
+class BatchPacking:
+    """How batches cross from loader workers to the trainer: the image and matte tensors as
+    they are, every other field of the item in one (B, M) float64 tensor, unpacked on arrival.
+
+    Each tensor of a batch costs a shared-memory handle and a pickle round trip between
+    processes; with a dozen small fields per item that overhead, not reading the store, bounded
+    the loader (bench/bench_train.py measures both). float64 holds every field exactly
+    (float32 values, int64 rows below 2^53, bools).
+
+    item: one dataset item, giving the fields' names, shapes and dtypes.
+    """
+
+    BIG = ("image", "mask")
+
+    def __init__(self, item: dict[str, torch.Tensor]):
+        self.layout = [(k, tuple(v.shape), v.dtype) for k, v in item.items()
+                       if k not in self.BIG]
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """In the worker: stack the items, pack the small fields."""
+        batch = default_collate(items)
+        b = len(items)
+        meta = torch.cat([batch[k].reshape(b, -1).double() for k, _, _ in self.layout], dim=1)
+        return {**{k: batch[k] for k in self.BIG}, "meta": meta}
+
+    def unpack(self, packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """In the trainer: the batch as ``default_collate`` would have made it."""
+        meta = packed["meta"]
+        b, i = meta.shape[0], 0
+        out = {k: packed[k] for k in self.BIG}
+        for k, shape, dtype in self.layout:
+            n = math.prod(shape)
+            out[k] = meta[:, i:i + n].reshape((b, *shape)).to(dtype)
+            i += n
+        return out
+
+
+class _PackedLoader(DataLoader):
+    """A DataLoader whose workers pack batches (:class:`BatchPacking`) and whose iterators
+    hand them out unpacked."""
+
+    def __init__(self, dataset: Dataset, packing: BatchPacking, **kwargs: Any):
+        super().__init__(dataset, collate_fn=packing.collate, **kwargs)
+        self.packing = packing
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
+        return map(self.packing.unpack, super().__iter__())
+
+
 def make_loader(dataset: SubjectDataset, batch_size: int = 1, workers: int | None = None,
                 shuffle: bool = True, seed: int = 0, prefetch: int = 4,
-                drop_last: bool = False, pin_memory: bool | None = None) -> DataLoader:
+                drop_last: bool = False, pin_memory: bool | None = None,
+                pack: bool = True) -> DataLoader:
     """A DataLoader over ``dataset`` whose sampler is an :class:`EpochSampler`.
 
     workers: loader processes (None: :func:`default_workers`), persistent across epochs.
     prefetch: batches each worker keeps ready. pin_memory: None = when CUDA is available.
+    pack: move batches between processes as :class:`BatchPacking` does (the batches look the
+    same either way; off only to measure what it saves).
     Batches are dicts of stacked tensors (``swapped`` is (B,) bool, ``scale`` (B,)).
     """
     workers = default_workers() if workers is None else int(workers)
@@ -373,16 +433,12 @@ def make_loader(dataset: SubjectDataset, batch_size: int = 1, workers: int | Non
     if workers > 0:
         extra = dict(persistent_workers=True, prefetch_factor=max(1, int(prefetch)),
                      worker_init_fn=seed_worker)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        drop_last=drop_last,
-        generator=gen,
-        **extra,
-    )
+    kwargs = dict(batch_size=batch_size, sampler=sampler, num_workers=workers,
+                  pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                  drop_last=drop_last, generator=gen, **extra)
+    if not pack or len(dataset) == 0:
+        return DataLoader(dataset, **kwargs)
+    return _PackedLoader(dataset, BatchPacking(dataset[(0, 0)]), **kwargs)
 
 
 class InfiniteLoader:

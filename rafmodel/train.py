@@ -39,7 +39,14 @@ from rafmodel.avatar import (
     init_ellipsoid,
     init_from_visual_hull,
 )
-from rafmodel.data import AugmentConfig, InfiniteLoader, SubjectDataset, SwapStats, make_loader
+from rafmodel.data import (
+    AugmentConfig,
+    InfiniteLoader,
+    SubjectDataset,
+    SwapStats,
+    make_loader,
+    to_unit,
+)
 from rafmodel.device import select_device
 from rafmodel.losses import LossConfig, build_loss, psnr
 from rafmodel.render import render
@@ -236,8 +243,8 @@ class Runner:
         # Resized and composited where the render is: on a GPU this is ~0.1 ms, on the
         # host several ms per 512 px frame.
         dev = self.device
-        target, mask = composite_target(batch["image"].to(dev, non_blocking=True),
-                                        batch["mask"].to(dev, non_blocking=True),
+        target, mask = composite_target(to_unit(batch["image"].to(dev, non_blocking=True)),
+                                        to_unit(batch["mask"].to(dev, non_blocking=True)),
                                         (self.height, self.width), self.background)
         return target, mask
 

@@ -25,6 +25,7 @@ from rafmodel.data import (
     SwapStats,
     load_neighbors,
     make_loader,
+    to_unit,
 )
 
 K_TABLE = 6  # neighbours per timestep in the test table (topk tests use up to 5)
@@ -233,11 +234,16 @@ def test_dataset_items_belong_to_the_subject(data_store, store, table):
         for i in range(len(ds)):
             item = ds[i]
             row, t, cam = (int(item[k]) for k in ("image_index", "timestep", "camera"))
-            assert item["image"].shape == (3, h, w) and item["image"].dtype == torch.float32
-            assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
-            np.testing.assert_allclose(item["image"].permute(1, 2, 0).numpy(),
+            assert item["image"].shape == (3, h, w) and item["image"].dtype == torch.uint8
+            np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(),
+                                          store.read_rgb(row))
+            assert item["mask"].shape == (1, h, w) and item["mask"].dtype == torch.uint8
+            np.testing.assert_array_equal(item["mask"][0].numpy(), store.read_mask(row))
+            assert bool(item["has_mask"])
+            unit = to_unit(item["image"])
+            assert unit.dtype == torch.float32 and float(unit.max()) <= 1.0
+            np.testing.assert_allclose(unit.permute(1, 2, 0).numpy(),
                                        store.read_rgb(row) / 255.0, atol=1e-6)
-            assert item["mask"].shape == (1, h, w) and bool(item["has_mask"])
             assert store.timesteps.identity[t] == subj
             assert store.cameras.identity[cam] == subj
             assert not store.sequences.held_out[store.timesteps.sequence[t]]
@@ -295,13 +301,14 @@ def test_no_matte_gives_ones_and_has_mask_false(nomatte_store):
     ds = SubjectDataset(nomatte_store, "388", AugmentConfig(mode="vanilla"))
     item = ds[0]
     assert not bool(item["has_mask"])
-    assert torch.equal(item["mask"], torch.ones(1, 32, 32))
+    assert torch.equal(to_unit(item["mask"]), torch.ones(1, 32, 32))
 
 
 # -- loaders ---------------------------------------------------------------------------------
-def _collect(ds: SubjectDataset, workers: int, n_batches: int, batch_size: int = 4):
+def _collect(ds: SubjectDataset, workers: int, n_batches: int, batch_size: int = 4,
+             pack: bool = True):
     loader = make_loader(ds, batch_size=batch_size, workers=workers, shuffle=True, seed=7,
-                         prefetch=2)
+                         prefetch=2, pack=pack)
     it = InfiniteLoader(loader)
     return [next(it) for _ in range(n_batches)], it
 
@@ -417,3 +424,17 @@ def test_refuses_table_with_same_identity_neighbour(data_store, tmp_path):
             load_neighbors(st, "full")
     finally:
         st.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_packed_batches_equal_plain_ones(data_store, workers):
+    """Packing the small fields into one float64 tensor between processes changes nothing:
+    same keys, dtypes, shapes and values as default_collate gives."""
+    ds = SubjectDataset(data_store, SUBJECT, AugmentConfig(mode="raf", p=0.5, topk=2), seed=3)
+    packed, _ = _collect(ds, workers, 4, batch_size=3)
+    plain, _ = _collect(ds, workers, 4, batch_size=3, pack=False)
+    for x, y in zip(packed, plain, strict=True):
+        assert set(x) == set(y)
+        for key in y:
+            assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
+    assert plain[0]["image_index"].dtype == torch.int64 and packed[0]["K"].shape == (3, 3, 3)
