@@ -12,6 +12,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from rafdata.rotations import euler_xyz_intrinsic_to_matrix
+
 
 def frame_colour(i: int) -> np.ndarray:
     """(3,) uint8 flat colour of frame ``i``: far apart between frames, mid-range so that
@@ -87,11 +89,12 @@ def flame_arrays(frames: list[int], seed: int = 0) -> dict[str, np.ndarray]:
     """The keys of a NeRSemble-benchmark FLAME tracking npz for ``frames``."""
     rng = np.random.default_rng(seed)
     t = len(frames)
+    euler = rng.normal(scale=0.3, size=(t, 3))  # the toolkit's intrinsic XYZ Euler angles
     return {
         "expression": rng.normal(size=(t, 100)).astype(np.float32),
-        "rotation": rng.normal(size=(t, 3)).astype(np.float32),
+        "rotation": euler.astype(np.float32),
         "translation": rng.normal(size=(t, 3)).astype(np.float32),
-        "rotation_matrices": np.tile(np.eye(3, dtype=np.float32), (t, 1, 1)),
+        "rotation_matrices": euler_xyz_intrinsic_to_matrix(euler).astype(np.float32),
         "frames": np.asarray(frames, np.int32),
         "scale": np.full((1, 1), 1.05, np.float32),
         "jaw": rng.normal(size=(t, 3)).astype(np.float32),

@@ -15,7 +15,9 @@ from rafdata.errors import FrameCountError, SourceError, StoreError
 from rafdata.ingest import IngestConfig, ingest
 from rafdata.inspect import check_invariants, verify
 from rafdata.progress import NullProgress
+from rafdata.rotations import euler_xyz_intrinsic_to_matrix
 from rafdata.store import Store
+from rafdata.synth.geometry import rodrigues
 
 
 def sha(path: Path) -> str:
@@ -109,7 +111,12 @@ def test_flame_round_trip(synth_flame, tmp_path):
                 np.testing.assert_array_equal(s.timesteps.frame[rows], z["frames"])
                 np.testing.assert_array_equal(
                     s.timesteps.exp[rows], np.concatenate([z["expression"], z["jaw"]], 1))
-                np.testing.assert_array_equal(s.timesteps.pose[rows, :3], z["rotation"])
+                # the store's axis-angle is the file's rotation, whose `rotation` key holds it
+                # as intrinsic XYZ Euler angles
+                rot = np.stack([rodrigues(r) for r in s.timesteps.pose[rows, :3]])
+                np.testing.assert_allclose(rot, z["rotation_matrices"], atol=1e-6)
+                np.testing.assert_allclose(rot, euler_xyz_intrinsic_to_matrix(z["rotation"]),
+                                           atol=1e-6)
                 np.testing.assert_array_equal(s.timesteps.pose[rows, 3:], z["translation"])
         assert check_invariants(s) == []
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from rafdata.errors import FrameCountError, SourceError
+from rafdata.rotations import matrix_to_axis_angle
 from rafdata.sources import GhaSource, NersembleSource, SourceOptions, open_source
 from rafdata.sources.tracking import read_bfm_params, read_flame_npz
+from rafdata.synth.geometry import rodrigues
 from tests.helpers_media import (
     coded_frames,
     flame_arrays,
@@ -121,8 +123,9 @@ def test_flame_parts(tmp_path: Path) -> None:
     tr = read_flame_npz(tmp_path / "t.npz")
     assert tr.exp_space == "flame2023:expression+jaw" and tr.exp.shape == (4, 103)
     np.testing.assert_array_equal(tr.exp[:, 100:], arrays["jaw"])
-    np.testing.assert_array_equal(tr.pose, np.concatenate([arrays["rotation"],
-                                                           arrays["translation"]], 1))
+    np.testing.assert_allclose(tr.pose[:, :3], matrix_to_axis_angle(arrays["rotation_matrices"]),
+                               atol=1e-6)
+    np.testing.assert_array_equal(tr.pose[:, 3:], arrays["translation"])
     np.testing.assert_allclose(tr.scale, np.full(4, 1.05, np.float32))
     assert tr.frames.tolist() == [0, 3, 6, 9] and tr.frames.dtype == np.int64
     tr = read_flame_npz(tmp_path / "t.npz", "eyes+expression+neck")
@@ -132,6 +135,35 @@ def test_flame_parts(tmp_path: Path) -> None:
     assert read_flame_npz(tmp_path / "t.npz", "expression").exp.shape == (4, 100)
     with pytest.raises(SourceError, match="t.npz.*invalid FLAME"):
         read_flame_npz(tmp_path / "t.npz", "expression+tongue")
+
+
+def test_flame_rotation_conventions(tmp_path: Path) -> None:
+    """The store's axis-angle comes from rotation_matrices when the file has them, else from
+    `rotation` read as intrinsic XYZ Euler angles (the NeRSemble toolkit's convention)."""
+    arrays = flame_arrays([0, 3, 6, 9], seed=4)
+    with_matrices = read_flame_npz(_save(tmp_path / "a.npz", arrays)).pose[:, :3]
+    euler_only = read_flame_npz(_save(tmp_path / "b.npz", arrays, drop="rotation_matrices"))
+    np.testing.assert_allclose(euler_only.pose[:, :3], with_matrices, atol=1e-6)
+    for aa, m in zip(with_matrices, arrays["rotation_matrices"], strict=True):
+        np.testing.assert_allclose(rodrigues(aa), m, atol=1e-6)
+    # not the Euler angles themselves (which an axis-angle reading would have taken)
+    assert np.abs(with_matrices - arrays["rotation"]).max() > 1e-3
+    # the matrices win over a `rotation` key in another convention
+    other = dict(arrays, rotation=arrays["rotation"][:, ::-1].copy())
+    np.testing.assert_allclose(read_flame_npz(_save(tmp_path / "c.npz", other)).pose[:, :3],
+                               with_matrices, atol=1e-6)
+    bad = dict(arrays, rotation_matrices=arrays["rotation_matrices"].copy())
+    bad["rotation_matrices"][2] *= 1.5
+    with pytest.raises(SourceError, match=r"d\.npz.*not rotations \(first at index 2\)"):
+        read_flame_npz(_save(tmp_path / "d.npz", bad))
+    short = dict(arrays, rotation_matrices=arrays["rotation_matrices"][:3])
+    with pytest.raises(SourceError, match=r"'rotation_matrices' has shape \(3, 3, 3\)"):
+        read_flame_npz(_save(tmp_path / "e.npz", short))
+
+
+def _save(path: Path, arrays: dict, drop: str | None = None) -> Path:
+    np.savez(path, **{k: v for k, v in arrays.items() if k != drop})
+    return path
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from rafdata.errors import RafDataError, SourceError
+from rafdata.rotations import euler_xyz_intrinsic_to_matrix
 from rafdata.synth import (
     EXP_DIM,
     NOSE_TIP,
@@ -137,8 +138,10 @@ def test_tracking_files_agree_with_truth(nersemble_root):
     np.testing.assert_array_equal(exp, tracked["exp"])
     # FLAME expression is the fixed orthonormal map of the same vectors: invertible.
     np.testing.assert_allclose(fl["expression"] @ flame_from_exp_matrix(), exp, atol=1e-5)
-    rot = np.stack([rodrigues(r) for r in fl["rotation"]])
+    # rotation_matrices = R(tracked axis-angle); `rotation` = the same as intrinsic XYZ Euler
+    rot = np.stack([rodrigues(r) for r in tracked["pose"][fl["frames"], :3]])
     np.testing.assert_allclose(fl["rotation_matrices"], rot, atol=1e-5)
+    np.testing.assert_allclose(euler_xyz_intrinsic_to_matrix(fl["rotation"]), rot, atol=1e-5)
     np.testing.assert_allclose(fl["scale"][0, 0], true["scale"], rtol=1e-6)
     # Written = true + small tracker noise (std TINY.noise), not the truth itself.
     err = exp - true["exp"][fl["frames"]]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rafdata.errors import SourceError
+from rafdata.rotations import euler_xyz_intrinsic_to_matrix, matrix_to_axis_angle, rotation_errors
 from rafdata.sources.base import Tracking
 
 BFM_EXP_DIM = 64
@@ -89,7 +90,9 @@ def read_flame_npz(path: Path, flame_exp: str = "expression+jaw") -> Tracking:
 
     exp: (T, D) float32, the concatenation of the ``flame_exp`` parts in the given order
     (expression 100, jaw 3, neck 3, eyes 6; "expression+jaw" gives D = 103). pose: (T, 6)
-    float32 = concat(rotation, translation). scale: (T,) float32 broadcast from (1, 1).
+    float32 = concat(axis-angle rotation, translation): the rotation from
+    ``rotation_matrices`` when present, else from ``rotation`` read as intrinsic XYZ Euler
+    angles (the toolkit's convention). scale: (T,) float32 broadcast from (1, 1).
     frames: (T,) int64 video frame indices from the ``frames`` key.
     """
     path = Path(path)
@@ -115,7 +118,8 @@ def read_flame_npz(path: Path, flame_exp: str = "expression+jaw") -> Tracking:
         return arr.astype(np.float32)
 
     exp = np.concatenate([per_frame(p, FLAME_PARTS[p]) for p in parts], axis=1)
-    pose = np.concatenate([per_frame("rotation", 3), per_frame("translation", 3)], axis=1)
+    rotation = _flame_axis_angle(data, path, per_frame, t)
+    pose = np.concatenate([rotation, per_frame("translation", 3)], axis=1)
     scale_raw = _get(data, path, "scale")
     if scale_raw.size == 1:
         scale = np.full(t, float(scale_raw.reshape(())), np.float32)
@@ -126,6 +130,30 @@ def read_flame_npz(path: Path, flame_exp: str = "expression+jaw") -> Tracking:
     _finite(scale, path, "scale")
     return Tracking(frames=frames, exp=np.ascontiguousarray(exp), pose=pose, scale=scale,
                     exp_space="flame2023:" + "+".join(parts), path=path)
+
+
+def _flame_axis_angle(data: dict[str, np.ndarray], path: Path, per_frame, t: int) -> np.ndarray:
+    """(T, 3) float32 axis-angle head rotations of a FLAME tracking file.
+
+    ``rotation_matrices`` (T, 3, 3), when present, is unambiguous and wins; otherwise
+    ``rotation`` is read as the NeRSemble toolkit reads it, intrinsic XYZ Euler angles.
+    """
+    if "rotation_matrices" in data:
+        mats = data["rotation_matrices"]
+        if mats.shape != (t, 3, 3):
+            raise SourceError(path, f"key 'rotation_matrices' has shape {mats.shape}, expected "
+                              f"({t}, 3, 3) to match 'frames' ({t},)")
+        _finite(mats, path, "rotation_matrices")
+        bad = np.flatnonzero(rotation_errors(mats) > ROTATION_TOLERANCE)
+        if bad.size:
+            raise SourceError(path, f"key 'rotation_matrices' holds {bad.size} matrices that are "
+                              f"not rotations (first at index {int(bad[0])})")
+        return matrix_to_axis_angle(mats).astype(np.float32)
+    euler = per_frame("rotation", 3).astype(np.float64)
+    return matrix_to_axis_angle(euler_xyz_intrinsic_to_matrix(euler)).astype(np.float32)
+
+
+ROTATION_TOLERANCE = 1e-3  # max |R^T R - I| entry of a stored rotation (float32 round-off)
 
 
 def validate_tracking(tr: Tracking) -> Tracking:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rafdata.rotations import matrix_to_euler_xyz_intrinsic
 from rafdata.synth.config import (
     EXP_DIM,
     FLAME_EXP_DIM,
@@ -145,8 +146,9 @@ def flame_from_exp_matrix() -> np.ndarray:
 def flame_tracking(tracked: dict) -> dict:
     """NeRSemble-benchmark FLAME tracking arrays (all float32 but ``frames``) of one sequence.
 
-    expression (T, 100) = exp @ F.T (:func:`flame_from_exp_matrix`); rotation = pose[:, :3],
-    translation = pose[:, 3:], rotation_matrices = R(rotation); scale (1, 1); jaw (T, 3) =
+    expression (T, 100) = exp @ F.T (:func:`flame_from_exp_matrix`); rotation_matrices =
+    R(pose[:, :3]) and rotation = the same rotations as intrinsic XYZ Euler angles (the
+    NeRSemble toolkit's convention), translation = pose[:, 3:]; scale (1, 1); jaw (T, 3) =
     [0.2 * max(exp[:, 0], 0), 0, 0] radians (the mouth-open dim as a jaw pitch); eyes (T, 6) =
     the gaze dim as yaw of both eyes, [0, 0.2 g, 0, 0, 0.2 g, 0]; neck zeros; shape (1, 300) =
     id_coeff zero-padded. frames (T,) int64 video frame indices.
@@ -158,16 +160,15 @@ def flame_tracking(tracked: dict) -> dict:
     jaw[:, 0] = 0.2 * np.maximum(exp[:, 0], 0.0)
     eyes = np.zeros((t, 6))
     eyes[:, 1] = eyes[:, 4] = 0.2 * exp[:, 9]
+    rot = np.stack([rodrigues(r) for r in pose[:, :3]]).reshape(t, 3, 3)
     shape = np.zeros((1, FLAME_SHAPE_DIM))
     shape[0, :ID_DIM] = tracked["id_coeff"]
     f32 = np.float32
     return {
         "expression": (exp @ flame_from_exp_matrix().T).astype(f32),
-        "rotation": pose[:, :3].astype(f32),
+        "rotation": matrix_to_euler_xyz_intrinsic(rot).astype(f32),
         "translation": pose[:, 3:].astype(f32),
-        "rotation_matrices": np.stack([rodrigues(r) for r in pose[:, :3]])
-        .astype(f32)
-        .reshape(t, 3, 3),
+        "rotation_matrices": rot.astype(f32),
         "frames": np.asarray(tracked["frames"], dtype=np.int64),
         "scale": np.array([[tracked["scale"][0]]], dtype=f32),
         "jaw": jaw.astype(f32),
