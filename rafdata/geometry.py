@@ -76,10 +76,66 @@ def crop_padded(image: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray
     return out
 
 
-def color_correct(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Apply a 3x3 colour matrix to (H,W,3) uint8 RGB as ``rgb @ matrix.T`` on [0,1] values."""
-    out = rgb.astype(np.float32) @ np.asarray(matrix, np.float32).T
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+# Term counts of Cheung et al. (2004)'s polynomial colour correction (colour-science's
+# matrix_augmented_Cheung2004), the form of NeRSemble's color_calibration.json matrices.
+CCM_TERMS = (3, 4, 5, 7, 8, 10, 11, 14, 16, 17, 19, 20, 22, 35)
+
+
+def cheung2004_expand(rgb: np.ndarray, terms: int) -> np.ndarray:
+    """(N, 3) RGB -> (N, terms) polynomial expansion of Cheung et al. (2004)."""
+    if terms not in CCM_TERMS:
+        raise ValueError(f"no Cheung 2004 expansion has {terms} terms; expected one of "
+                         f"{CCM_TERMS}")
+    r, g, b = (rgb[:, i] for i in range(3))
+    one = np.ones_like(r)
+    quad = [r * g, r * b, g * b, r * r, g * g, b * b]
+    cubic = [r * r * g, g * g * b, b * b * r]
+    cubic2 = [r * r * b, g * g * r, b * b * g]
+    cubes = [r**3, g**3, b**3]
+    table = {
+        3: [r, g, b], 4: [r, g, b, one], 5: [r, g, b, r * g * b, one],
+        7: [r, g, b, *quad[:3], one], 8: [r, g, b, *quad[:3], r * g * b, one],
+        10: [r, g, b, *quad, one], 11: [r, g, b, *quad, r * g * b, one],
+        14: [r, g, b, *quad, r * g * b, *cubes, one],
+        16: [r, g, b, *quad, r * g * b, *cubic, *cubes],
+        17: [r, g, b, *quad, r * g * b, *cubic, *cubes, one],
+        19: [r, g, b, *quad, r * g * b, *cubic, *cubic2, *cubes],
+        20: [r, g, b, *quad, r * g * b, *cubic, *cubic2, *cubes, one],
+        22: [r, g, b, *quad, r * g * b, *cubic, *cubic2, *cubes,
+             r * r * g * b, r * g * g * b, r * g * b * b],
+        35: [r, g, b, *quad, r * g * b, *cubic, *cubic2, *cubes,
+             r**3 * g, r**3 * b, g**3 * r, g**3 * b, b**3 * r, b**3 * g,
+             r * r * g * b, r * g * g * b, r * g * b * b,
+             r * r * g * g, r * r * b * b, g * g * b * b, r**4, g**4, b**4, one],
+    }
+    return np.stack(table[terms], axis=1)
+
+
+def srgb_to_linear(v: np.ndarray) -> np.ndarray:
+    """The sRGB decoding curve (IEC 61966-2-1) on [0, 1] values."""
+    return np.where(v <= 0.04045, v / 12.92, ((np.maximum(v, 0.04045) + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`srgb_to_linear`; negative values keep their sign (as colour does)."""
+    a = np.abs(x)
+    return np.sign(x) * np.where(a <= 0.0031308, a * 12.92, 1.055 * a ** (1 / 2.4) - 0.055)
+
+
+def color_correct(rgb: np.ndarray, ccm: np.ndarray) -> np.ndarray:
+    """NeRSemble's colour correction of (H, W, 3) uint8 RGB, as its toolkit applies it.
+
+    ccm: (3, T) polynomial colour-correction matrix of one camera (color_calibration.json;
+    T in :data:`CCM_TERMS`, 3 = a plain 3x3 matrix). The frame is decoded from sRGB to linear
+    values, expanded (:func:`cheung2004_expand`), multiplied by ``ccm``, encoded back and
+    rounded (the toolkit truncates; the two differ by less than one level).
+    """
+    ccm = np.asarray(ccm, np.float64)
+    lut = srgb_to_linear(np.arange(256) / 255.0)
+    lin = lut[rgb.reshape(-1, 3)]
+    out = cheung2004_expand(lin, ccm.shape[1]) @ ccm.T
+    out = linear_to_srgb(out) * 255.0
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(rgb.shape)
 
 
 def project(points: np.ndarray, K: np.ndarray, world_to_cam: np.ndarray) -> np.ndarray:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rafdata.geometry import ImageTransform, color_correct, crop_padded, project
+from rafdata.geometry import (
+    CCM_TERMS,
+    ImageTransform,
+    cheung2004_expand,
+    color_correct,
+    crop_padded,
+    linear_to_srgb,
+    project,
+    srgb_to_linear,
+)
 
 
 def ramp(width: int, height: int) -> np.ndarray:
@@ -59,7 +68,39 @@ def test_crop_pads_outside_frame():
 
 
 def test_color_correct_identity_and_swap():
-    rgb = np.array([[[10, 20, 30]]], np.uint8)
-    assert (color_correct(rgb, np.eye(3)) == rgb).all()
+    rgb = np.arange(256 * 3, dtype=np.int64).reshape(16, 16, 3).astype(np.uint8)
+    assert (color_correct(rgb, np.eye(3)) == rgb).all()  # every level survives the round trip
     swap = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], float)
-    assert color_correct(rgb, swap).tolist() == [[[30, 20, 10]]]
+    assert color_correct(rgb[:1, :1], swap).tolist() == [[rgb[0, 0, ::-1].tolist()]]
+    assert (color_correct(rgb, np.hstack([np.eye(3), np.zeros((3, 1))])) == rgb).all()
+
+
+def test_color_correct_works_in_linear_light():
+    """A gain of 2 on linear values is not a gain of 2 on the stored (sRGB) levels."""
+    rgb = np.array([[[50, 100, 20]]], np.uint8)
+    out = color_correct(rgb, 2 * np.eye(3)).astype(float)[0, 0]
+    lin = srgb_to_linear(rgb[0, 0] / 255.0)
+    np.testing.assert_allclose(out, np.rint(linear_to_srgb(2 * lin) * 255))
+    assert out[0] < 2 * 50 - 20  # gamma-encoded: ~1.37x, not 2x
+    np.testing.assert_allclose(srgb_to_linear(linear_to_srgb(np.linspace(0, 1, 41))),
+                               np.linspace(0, 1, 41), atol=1e-12)
+    assert linear_to_srgb(np.array([-0.25]))[0] == -linear_to_srgb(np.array([0.25]))[0]
+
+
+def test_cheung2004_expansion_and_matrix_match_colour_science():
+    """Values of colour-science's documented examples (matrix_augmented_Cheung2004 and
+    apply_matrix_colour_correction_Cheung2004)."""
+    rgb = np.array([[0.17224810, 0.09170660, 0.06416938]])
+    np.testing.assert_allclose(cheung2004_expand(rgb, 5)[0],
+                               [0.1722481, 0.0917066, 0.0641693, 0.0010136, 1.0], atol=1e-7)
+    ccm = np.array([[1.05263767, 0.13780789, -0.22763399],
+                    [0.07395843, 1.02939945, -0.1060115],
+                    [0.05725508, -0.20526336, 1.10151945]])
+    np.testing.assert_allclose(cheung2004_expand(rgb, 3) @ ccm.T,
+                               [[0.1793456, 0.1003392, 0.0617218]], atol=1e-7)
+    for terms in CCM_TERMS:
+        e = cheung2004_expand(rgb, terms)
+        assert e.shape == (1, terms)
+        np.testing.assert_allclose(e[0, :3], rgb[0])
+    with pytest.raises(ValueError, match="6 terms"):
+        cheung2004_expand(rgb, 6)

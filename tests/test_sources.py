@@ -236,6 +236,20 @@ def test_nersemble_per_serial_intrinsics_flame_tracking_root(tmp_path: Path) -> 
     assert frame.mask is None and np.abs(frame.rgb.astype(int) - frame_colour(5)).max() <= 3
 
 
+def test_nersemble_polynomial_colour_matrices(nersemble: Path) -> None:
+    """color_calibration.json holds (3, T) Cheung 2004 matrices; other shapes are refused."""
+    from rafdata.sources.nersemble import read_calibration
+
+    calib = nersemble / "017" / "calibration"
+    ccm = np.hstack([np.eye(3), np.full((3, 7), 0.01)])  # 10 terms
+    write_json(calib / "color_calibration.json", {SERIALS[0]: ccm.tolist()})
+    np.testing.assert_array_equal(read_calibration(calib)[SERIALS[0]].color, ccm)
+    write_json(calib / "color_calibration.json", {SERIALS[0]: np.eye(3, 6).tolist()})
+    with pytest.raises(SourceError, match=rf"color_calibration\.json.*'{SERIALS[0]}' has shape "
+                                          r"\(3, 6\), expected \(3, T\)"):
+        read_calibration(calib)
+
+
 def test_nersemble_missing_calibration(nersemble: Path) -> None:
     (nersemble / "017" / "calibration" / "camera_params.json").unlink()
     (seq,) = NersembleSource(nersemble, SourceOptions()).sequences("017")

@@ -21,8 +21,8 @@ class CameraCalib:
 
     K: (3, 3) float64 intrinsics in pixels of the source image, OpenCV convention (the centre
     of pixel (col, row) projects to (col, row)). world_to_cam: (4, 4) float64, OpenCV camera
-    axes (x right, y down, z forward). color: optional (3, 3) colour-correction matrix applied as
-    ``rgb_corrected = rgb @ color.T`` on linear [0, 1] values.
+    axes (x right, y down, z forward). color: optional (3, T) polynomial colour-correction matrix
+    (NeRSemble's color_calibration.json; applied by :func:`rafdata.geometry.color_correct`).
     """
 
     serial: str

@@ -4,7 +4,7 @@
 
     SRC/{pid}/calibration/camera_params.json      world_2_cam {serial: 4x4}, intrinsics 3x3
                                                   (shared) or {serial: 3x3}
-    SRC/{pid}/calibration/color_calibration.json  {serial: 3x3}  (optional)
+    SRC/{pid}/calibration/color_calibration.json  {serial: 3xT}  (optional)
     SRC/{pid}/sequences/{SEQ}/images/cam_{serial}.mp4
     SRC/{pid}/sequences/{SEQ}/alpha_maps/cam_{serial}.mp4   (optional, matte in channel 0)
     TRACK/{pid}/sequences/{SEQ}/params/{frame}/params.npz    BFM (Multiview-3DMM-Fitting)
@@ -26,6 +26,7 @@ import numpy as np
 
 from rafdata import video
 from rafdata.errors import FrameCountError, SourceError
+from rafdata.geometry import CCM_TERMS
 from rafdata.sources.base import CameraCalib, Frame, SourceOptions, Tracking
 from rafdata.sources.tracking import parse_flame_exp, read_bfm_params, read_flame_npz
 
@@ -311,7 +312,7 @@ def read_calibration(calib_dir: Path) -> dict[str, CameraCalib]:
     if cpath.exists():
         colors = _load_json(cpath)
         if not isinstance(colors, dict):
-            raise SourceError(cpath, "expected {serial: 3x3 colour matrix}")
+            raise SourceError(cpath, "expected {serial: 3xT colour-correction matrix}")
     out = {}
     for serial, m in w2c.items():
         serial = str(serial)
@@ -323,7 +324,7 @@ def read_calibration(calib_dir: Path) -> dict[str, CameraCalib]:
             continue
         color = None
         if serial in colors:
-            color = _matrix(colors[serial], (3, 3), cpath, serial)
+            color = _ccm(colors[serial], cpath, serial)
         out[serial] = CameraCalib(serial=serial, K=K.copy(),
                                   world_to_cam=_matrix(m, (4, 4), path, f"world_2_cam/{serial}"),
                                   color=color)
@@ -337,6 +338,16 @@ def _load_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(path, f"cannot parse JSON: {exc}") from exc
+
+
+def _ccm(value, path: Path, key: str) -> np.ndarray:
+    """A (3, T) polynomial colour-correction matrix (T terms of Cheung et al. 2004)."""
+    arr = np.asarray(value, dtype=object)
+    terms = arr.shape[1] if arr.ndim == 2 else -1
+    if terms not in CCM_TERMS:
+        raise SourceError(path, f"'{key}' has shape {arr.shape}, expected (3, T) with T in "
+                          f"{', '.join(map(str, CCM_TERMS))}")
+    return _matrix(value, (3, terms), path, key)
 
 
 def _matrix(value, shape: tuple[int, int], path: Path, key: str) -> np.ndarray:

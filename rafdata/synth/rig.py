@@ -50,7 +50,8 @@ def camera_rig(cameras: tuple[str, ...], width: int, height: int) -> tuple[np.nd
 
 
 def color_calibration(seed: int, participant: str, serial: str) -> np.ndarray:
-    """A near-identity colour matrix (3, 3): ``rgb_corrected = rgb @ C.T``.
+    """A near-identity colour-correction matrix (3, 3), the 3-term form of NeRSemble's
+    color_calibration.json (applied to linear RGB, see :func:`rafdata.geometry.color_correct`).
 
     The synthetic videos are rendered in already-corrected colours (C is not applied
     inversely), so applying C changes colours by only ~1-2%.
