@@ -308,6 +308,14 @@ def _plan(p: _Pending, cfg: IngestConfig, progress: Progress) -> _Plan:
         raise SourceError(p.seq.path, "cameras have different frame sizes "
                           f"({', '.join(f'{w}x{h}' for w, h in sorted(set(sizes)))}); "
                           "pass --size W H to store them at one size")
+    for cam, (w, h) in zip(cams, sizes, strict=True):
+        cx, cy = float(cam.K[0, 2]), float(cam.K[1, 2])
+        if not (0.2 * w < cx < 0.8 * w and 0.2 * h < cy < 0.8 * h):
+            # Intrinsics written for another resolution put the principal point far off the
+            # centre (e.g. at the corner for half-size videos): every projection would be off.
+            progress.warn(f"{p.seq.path}: camera {cam.serial}: principal point ({cx:.0f}, "
+                          f"{cy:.0f}) is far from the centre of its {w}x{h} frames; are the "
+                          "intrinsics for another resolution?")
     return _Plan(frames, cams, sizes, transform)
 
 

@@ -425,3 +425,18 @@ def test_error_found_ahead_stops_only_at_its_sequence(synth_copy, tmp_path):
     shutil.rmtree(params / "0040")
     report = ingest(synth_copy, tmp_path / "o.h5", IngestConfig(workers=2))
     assert report.written == ["443/FREE"] and len(report.skipped) == 5
+
+
+def test_intrinsics_for_another_resolution_are_flagged(synth_copy, tmp_path):
+    """Intrinsics of a video twice the size put the principal point at the frame's corner: the
+    run goes on, with a warning naming the camera."""
+    path = synth_copy / "422" / "calibration" / "camera_params.json"
+    params = json.loads(path.read_text())
+    K = np.asarray(params["intrinsics"], float)
+    K[:2] *= 2.0
+    params["intrinsics"] = K.tolist()
+    path.write_text(json.dumps(params))
+    report = ingest(synth_copy, tmp_path / "o.h5", IngestConfig(participants=("388", "422")))
+    flagged = [w for w in report.warnings if "principal point" in w]
+    assert flagged and all("422" in w for w in flagged)
+    assert {w.split("camera ")[1].split(":")[0] for w in flagged} == {"222200037", "222200038"}
