@@ -3,6 +3,10 @@
 # CUDA training speed (gsplat against our PyTorch rasterizer on the same GPU).
 #   usage: bench/gpu_check.sh STORE      (a store with subject 388 and a "full" bank)
 # Logs go to $OUT (default ./gpu-check). gsplat and the project must be importable.
+# The store of the measurements in docs/benchmarks-cuda.md (~40 MB, 512x512, images for 388):
+#   rafdata synth chk --cameras 222200037,222200038,222200039,220700191,221501007 \
+#       --frames 4 --width 512 --height 512
+#   rafdata ingest chk -o chk.h5 --images-for 388 && rafdata build-bank chk.h5
 set -uo pipefail
 STORE=${1:?usage: bench/gpu_check.sh STORE}
 OUT=${OUT:-gpu-check}
