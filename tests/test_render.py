@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from rafmodel.render import opencv_to_gsplat_K, render, resolve_backend
+from rafmodel.render import Splats, View, opencv_to_gsplat_K, render, resolve_backend
 from rafmodel.render.reference import reference_render
 from rafmodel.render.torch_rasterizer import composite, project, rasterize
+
+
+def backend_inputs(scene: dict) -> tuple[Splats, View]:
+    """A make_scene dict as the backends take it (K shifted to gsplat's convention)."""
+    splats = Splats(*(scene[k] for k in ("means", "quats", "scales", "opacities", "colors")))
+    view = View(scene["world_to_cam"], opencv_to_gsplat_K(scene["K"]), scene["width"],
+                scene["height"])
+    return splats, view
 
 
 def make_scene(seed: int, n: int = 120, width: int = 40, height: int = 32,
@@ -82,9 +90,7 @@ def test_dense_scene_and_chunking() -> None:
     scene = make_scene(7, n=600, width=32, height=32)
     ref_img, ref_alpha = reference(scene)
     for chunk in (5, 64, 1000):
-        s = dict(scene)
-        s["K"] = opencv_to_gsplat_K(scene["K"])
-        img, alpha, _, _ = rasterize(**s, chunk=chunk)
+        img, alpha, _, _ = rasterize(*backend_inputs(scene), chunk=chunk)
         assert np.abs(img.numpy() - ref_img).max() < 1e-4
         assert np.abs(alpha.numpy() - ref_alpha).max() < 1e-4
 
@@ -204,7 +210,7 @@ def test_gsplat_adapter_with_a_stand_in(monkeypatch) -> None:
     scene = make_scene(2, n=60)
     scene["means"].requires_grad_()
     K_gs = opencv_to_gsplat_K(scene["K"])
-    out = render_gsplat(**dict(scene, K=K_gs), background=torch.ones(3))
+    out = render_gsplat(*backend_inputs(scene), background=torch.ones(3))
     ref = render(**scene, background=torch.ones(3), backend="torch")
     assert seen["packed"] is False and torch.equal(seen["K"], K_gs)
     assert out.image.shape == (32, 40, 3) and out.radii.shape == (60,)

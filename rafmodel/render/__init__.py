@@ -39,6 +39,43 @@ class RenderOutput:
     radii: Tensor
 
 
+@dataclass(frozen=True)
+class Splats:
+    """N 3D Gaussians as the backends take them.
+
+    means (N, 3) world units; quats (N, 4) wxyz, need not be normalised; scales (N, 3) linear
+    standard deviations; opacities (N,) in [0, 1]; colors (N, C), C >= 1.
+    """
+
+    means: Tensor
+    quats: Tensor
+    scales: Tensor
+    opacities: Tensor
+    colors: Tensor
+
+
+@dataclass(frozen=True)
+class View:
+    """One pinhole camera as the backends take it: world_to_cam (4, 4); K (3, 3) in gsplat's
+    convention (pixel centres at +0.5, see :func:`opencv_to_gsplat_K`); width, height px."""
+
+    world_to_cam: Tensor
+    K: Tensor
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Culling and blur shared by both backends (gsplat's defaults): Gaussians nearer than
+    ``near_plane`` or beyond ``far_plane`` (camera depth) are culled; ``eps2d`` px² is added to
+    the projected covariance."""
+
+    near_plane: float = 0.01
+    far_plane: float = 1e10
+    eps2d: float = 0.3
+
+
 def gsplat_available() -> bool:
     """gsplat is installed (looked up, never imported: importing it may compile CUDA)."""
     return importlib.util.find_spec("gsplat") is not None
@@ -109,23 +146,21 @@ def render(
         raise ValueError(f"background must be ({colors.shape[1]},); got {tuple(background.shape)}")
 
     which = resolve_backend(backend, means.device)
-    K_gs = opencv_to_gsplat_K(K)
+    splats = Splats(means, quats, scales, opacities, colors)
+    view = View(world_to_cam, opencv_to_gsplat_K(K), width, height)
+    limits = Limits(near_plane, far_plane, eps2d)
     if which == "gsplat":
         from .gsplat_backend import render_gsplat
 
-        return render_gsplat(means, quats, scales, opacities, colors, world_to_cam, K_gs,
-                             width, height, background, near_plane=near_plane,
-                             far_plane=far_plane, eps2d=eps2d)
+        return render_gsplat(splats, view, background, limits)
 
     from .torch_rasterizer import rasterize
 
-    image, alpha, means2d, radii = rasterize(
-        means, quats, scales, opacities, colors, world_to_cam, K_gs, width, height, background,
-        eps2d=eps2d, near_plane=near_plane, far_plane=far_plane)
+    image, alpha, means2d, radii = rasterize(splats, view, background, limits)
     if means2d.requires_grad:
         means2d.retain_grad()
     return RenderOutput(image=image, alpha=alpha, means2d=means2d, radii=radii.amax(dim=-1))
 
 
-__all__ = ["BACKENDS", "RenderOutput", "gsplat_available", "opencv_to_gsplat_K", "render",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "Limits", "RenderOutput", "Splats", "View", "gsplat_available",
+           "opencv_to_gsplat_K", "render", "resolve_backend"]

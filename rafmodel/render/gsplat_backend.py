@@ -4,33 +4,21 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import RenderOutput
+from . import Limits, RenderOutput, Splats, View
 
 
-def render_gsplat(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    colors: Tensor,
-    world_to_cam: Tensor,
-    K: Tensor,
-    width: int,
-    height: int,
-    background: Tensor | None = None,
-    *,
-    near_plane: float = 0.01,
-    far_plane: float = 1e10,
-    eps2d: float = 0.3,
-) -> RenderOutput:
-    """Render with gsplat; arguments as ``rafmodel.render.render`` except that K is already in
-    gsplat's convention (pixel centres at +0.5)."""
+def render_gsplat(splats: Splats, view: View, background: Tensor | None = None,
+                  limits: Limits | None = None) -> RenderOutput:
+    """Render with gsplat; as ``rafmodel.render.render``, from its validated inputs (K of
+    ``view`` already in gsplat's convention)."""
     from gsplat import rasterization
 
+    s, limits = splats, limits or Limits()
     image, alpha, meta = rasterization(
-        means, quats, scales, opacities, colors,
-        viewmats=world_to_cam[None], Ks=K[None], width=width, height=height,
-        near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, packed=False,
+        s.means, s.quats, s.scales, s.opacities, s.colors,
+        viewmats=view.world_to_cam[None], Ks=view.K[None], width=view.width,
+        height=view.height, near_plane=limits.near_plane, far_plane=limits.far_plane,
+        eps2d=limits.eps2d, packed=False,
         backgrounds=None if background is None else background[None],
         rasterize_mode="classic",
     )

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rafmodel.render import Limits, Splats, View
 from rafmodel.rotations import quat_to_matrix
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD: weaker contributions are skipped
@@ -162,38 +163,29 @@ def _tile_pairs(
 
 
 def rasterize(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    colors: Tensor,
-    world_to_cam: Tensor,
-    K: Tensor,
-    width: int,
-    height: int,
+    splats: Splats,
+    view: View,
     background: Tensor | None = None,
+    limits: Limits | None = None,
     *,
-    eps2d: float = 0.3,
-    near_plane: float = 0.01,
-    far_plane: float = 1e10,
     tile_size: int = 16,
     chunk: int = 64,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Render N Gaussians into one camera: ``project`` then ``composite``.
 
-    means (N, 3), quats (N, 4) wxyz, scales (N, 3) linear, opacities (N,), colors (N, C),
-    world_to_cam (4, 4), K (3, 3) in gsplat's convention (pixel centres at +0.5),
-    background (C,) or None (zeros).
+    splats, view (K in gsplat's convention, pixel centres at +0.5), limits: see
+    :mod:`rafmodel.render`; background (C,) or None (zeros).
 
     Returns (image (H, W, C), alpha (H, W, 1), means2d (N, 2), radii (N, 2) int32). ``means2d``
     is the tensor the compositing reads, so its ``.grad`` (after ``retain_grad()``) is the
     view-space gradient used for densification.
     """
-    proj = project(means, quats, scales, opacities, world_to_cam, K, width, height,
-                   eps2d=eps2d, near_plane=near_plane, far_plane=far_plane)
-    image, alpha = composite(proj.means2d, proj.conics, proj.depths, proj.radii, opacities,
-                             colors, width, height, background, tile_size=tile_size,
-                             chunk=chunk)
+    s, w, h = splats, view.width, view.height
+    limits = limits or Limits()
+    proj = project(s.means, s.quats, s.scales, s.opacities, view.world_to_cam, view.K, w, h,
+                   eps2d=limits.eps2d, near_plane=limits.near_plane, far_plane=limits.far_plane)
+    image, alpha = composite(proj.means2d, proj.conics, proj.depths, proj.radii, s.opacities,
+                             s.colors, w, h, background, tile_size=tile_size, chunk=chunk)
     return image, alpha, proj.means2d, proj.radii
 
 
