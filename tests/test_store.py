@@ -282,3 +282,9 @@ def test_every_codec_round_trips_and_appends_exactly(tmp_path, codec):
         np.testing.assert_array_equal(s.read_mask(12), extra[2, ..., 0])
         assert s.h5()["images"].attrs["compression"] == codec
         assert verify(s).ok
+    # Any other HDF5 program (with hdf5plugin's filters) reads the same bytes.
+    import hdf5plugin  # noqa: F401
+
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["images/rgb"][12], extra[2])
+        np.testing.assert_array_equal(f["images/mask"][7], truth[("388", "A")]["mask"][1, 2])
