@@ -110,8 +110,6 @@ def ingest(src: Path, out: Path, layout, tracking_root, tracking_format, flame_e
     from rafdata.ingest import IngestConfig, default_workers
     from rafdata.ingest import ingest as run_ingest
 
-    if every < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--every")
     cfg = IngestConfig(
         layout=layout, tracking_root=tracking_root, tracking_format=tracking_format,
         flame_exp=flame_exp, participants=split_list(participants),
@@ -140,10 +138,11 @@ def ingest(src: Path, out: Path, layout, tracking_root, tracking_format, flame_e
 @click.option("--quiet", is_flag=True)
 def inspect(store: Path, as_json: bool, verify: bool, quiet: bool) -> None:
     """Show what the store holds; --verify checks it thoroughly."""
-    from rafdata.inspect import open_checked, summarize
+    from rafdata.inspect import summarize
     from rafdata.inspect import verify as run_verify
+    from rafdata.store import Store
 
-    with open_checked(store) as s:
+    with Store(store) as s:
         info = summarize(s)
         result = None
         if verify:

@@ -60,10 +60,6 @@ class ImageTransform:
             )
         return image
 
-    @property
-    def identity(self) -> bool:
-        return self.crop is None and self.size is None
-
 
 def crop_padded(image: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
     """Crop box (x, y, w, h) of an image; parts outside the frame are zero."""

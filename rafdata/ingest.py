@@ -22,12 +22,12 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from rafdata.errors import FrameCountError, SourceError
+from rafdata.errors import FrameCountError, RafDataError, SourceError
 from rafdata.geometry import ImageTransform, color_correct
 from rafdata.progress import NullProgress, Progress
 from rafdata.resources import cores_available
@@ -64,6 +64,20 @@ class IngestConfig:
     workers: int = field(default_factory=default_workers)
     compression: str = DEFAULT_COMPRESSION
     strict: bool = False  # stop on a bad camera instead of skipping it
+
+    def validate(self) -> None:
+        """Raise RafDataError (one line) for option values no run could use."""
+        problems = []
+        if self.every < 1:
+            problems.append(f"--every must be >= 1 (got {self.every})")
+        if self.crop is not None and (len(self.crop) != 4 or min(self.crop[2:]) < 1):
+            problems.append(f"--crop X Y W H needs W, H >= 1 (got {self.crop})")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            problems.append(f"--size W H needs W, H >= 1 (got {self.size})")
+        if self.workers < 1:
+            problems.append(f"--workers must be >= 1 (got {self.workers})")
+        if problems:
+            raise RafDataError(None, "; ".join(problems))
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(
@@ -128,8 +142,7 @@ def ingest(
     """Ingest the source at ``src`` into the store ``out`` (created or appended to)."""
     cfg = cfg or IngestConfig()
     progress = progress or NullProgress()
-    if cfg.every < 1:
-        raise ValueError("every must be >= 1")
+    cfg.validate()
     t0 = time.perf_counter()
     report = IngestReport()
     src = Path(src)
@@ -139,6 +152,10 @@ def ingest(
         raise SourceError(src, "no sequence with tracking found (check --tracking/--participants)")
 
     with StoreWriter(out, compression=cfg.compression) as writer:
+        if writer.compression != cfg.compression:
+            progress.warn(f"{out}: the store's images use {writer.compression}; appending with "
+                          f"it (--compression {cfg.compression} applies to new stores only)")
+            cfg = replace(cfg, compression=writer.compression)  # the history says what was used
         todo = []
         for s in sequences:
             if writer.has_sequence(s.participant, s.name):

@@ -10,14 +10,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
 from rafdata.bank import bank_names
-from rafdata.errors import StoreError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import TABLES, Store
 
@@ -38,15 +36,18 @@ def summarize(store: Store) -> dict[str, Any]:
     f = store.h5()
     ts = store.timesteps
     seqs = store.sequences
-    identities = []
-    for i, name in enumerate(store.identities):
-        identities.append({
-            "name": name,
-            "sequences": int((seqs.identity == i).sum()),
-            "timesteps": int((ts.identity == i).sum()),
-            "images": int(seqs.image_count[seqs.identity == i].sum()),
-            "cameras": int((store.cameras.identity == i).sum()),
-        })
+    # One pass per table, not one per identity: stores hold hundreds of identities.
+    n_id = len(store.identities)
+
+    def per_identity(ids: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(ids, weights=weights, minlength=n_id)[:n_id]
+
+    n_seq, n_ts = per_identity(seqs.identity), per_identity(ts.identity)
+    n_img = per_identity(seqs.identity, seqs.image_count)
+    n_cam = per_identity(store.cameras.identity)
+    identities = [{"name": name, "sequences": int(n_seq[i]), "timesteps": int(n_ts[i]),
+                   "images": int(n_img[i]), "cameras": int(n_cam[i])}
+                  for i, name in enumerate(store.identities)]
     sequences = [
         {
             "identity": store.identities[int(seqs.identity[k])],
@@ -155,15 +156,16 @@ def _check_images(store: Store, problems: list[str], progress: Progress) -> int:
         return 0
     im = store.h5()["images"]
     crc, mask_crc = im["crc"][: store.n_images], im["mask_crc"][: store.n_images]
+    rgb, mask = im["rgb"], im["mask"]  # looked up once: a path lookup costs more than a chunk
     bad: list[int] = []
     unreadable: list[int] = []
     read = 0
     for i in range(store.n_images):
         try:
-            ok = zlib.crc32(im["rgb"][i]) == crc[i]
+            ok = zlib.crc32(rgb[i]) == crc[i]
             read += 1
             if store.image_has_mask[i]:
-                ok &= zlib.crc32(im["mask"][i]) == mask_crc[i]
+                ok &= zlib.crc32(mask[i]) == mask_crc[i]
                 read += 1
         except OSError:
             unreadable.append(i)
@@ -317,10 +319,3 @@ def _check_banks(store: Store) -> list[str]:
                 break
     return out
 
-
-def open_checked(path: str | Path) -> Store:
-    """Open a store for inspection (StoreError with a one-line reason otherwise)."""
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(path, "no such store file")
-    return Store(path)

@@ -229,6 +229,12 @@ def identity_matches(name: str, query: str) -> bool:
     return name.isdigit() and query.isdigit() and int(name) == int(query)
 
 
+def find_identity(identities: Sequence[str], name: str) -> int | None:
+    """Index of the participant ``name`` in ``identities`` (see identity_matches) or None."""
+    return next((i for i, known in enumerate(identities) if identity_matches(known, str(name))),
+                None)
+
+
 # --------------------------------------------------------------------------------------------
 # Reader
 
@@ -425,9 +431,9 @@ class Store:
 
     def identity_index(self, name: str) -> int:
         """Row of /identities for a participant id ("17" finds "017"); StoreError if absent."""
-        for i, known in enumerate(self.identities):
-            if identity_matches(known, str(name)):
-                return i
+        i = find_identity(self.identities, name)
+        if i is not None:
+            return i
         raise StoreError(
             self.path,
             f"identity {name!r} is not in the store (has: {', '.join(self.identities) or 'none'})",
@@ -552,11 +558,11 @@ class StoreWriter:
 
     Usage::
 
-        with StoreWriter(path, exp_space="bfm09", exp_dim=64) as w:
+        with StoreWriter(path) as w:  # compression="blosc-blosclz" by default
             with w.sequence("388", "EXP-1-head", held_out=False, source=...) as seq:
-                rows = seq.add_timesteps(frames, exp, pose, scale)
+                rows = seq.add_timesteps(frames, exp, pose, scale, "bfm09")  # (T,) rows
                 cam = seq.camera("222200037", K, world_to_cam)
-                seq.add_image(rgb, mask, rows[0], cam)
+                seq.add_images(rgb, mask, rows, cam)  # (T,H,W,3), (T,H,W) or None
 
     Opening an existing store checks its format version read-only first, so a newer store is
     refused before anything is written, then drops rows left over from an interrupted run.
@@ -658,10 +664,7 @@ class StoreWriter:
 
     # -- queries ---------------------------------------------------------------------------
     def identity_row(self, name: str) -> int | None:
-        for i, known in enumerate(self.identities):
-            if identity_matches(known, name):
-                return i
-        return None
+        return find_identity(self.identities, name)
 
     def has_sequence(self, identity: str, name: str) -> bool:
         """True when this (identity, sequence) was committed by an earlier run."""

@@ -652,19 +652,10 @@ def load_regressor(path: str | Path, device: str | torch.device = "cpu",
     """
     if _is_plugin(path):
         spec = str(path)
-        obj = _call_factory(spec, device, "regressor")
-        if not callable(getattr(obj, "predict", None)):
-            raise RafDataError(None, f"regressor plug-in {spec!r}: the factory returned "
-                               f"{type(obj).__name__}, which has no predict(images) method")
+        obj = _plugin(spec, device, "regressor", "predict")
         if not isinstance(getattr(obj, "exp_dim", None), int):
             raise RafDataError(None, f"regressor plug-in {spec!r}: its object must have an "
                                "int exp_dim (the expression dimension it predicts)")
-        if not isinstance(getattr(obj, "name", None), str) or not obj.name:
-            try:
-                obj.name = f"plug-in {spec}"
-            except AttributeError:
-                raise RafDataError(None, f"regressor plug-in {spec!r}: its object needs a "
-                                   "name (str)") from None
         reg: CoefficientRegressor = obj
     else:
         path = Path(path)
@@ -719,16 +710,22 @@ def load_feature_extractor(spec: str, device: str | torch.device = "cpu") -> Fea
     if not isinstance(spec, str) or not _PLUGIN.match(spec):
         raise RafDataError(None, f"feature extractor {spec!r}: give a plug-in as "
                            "package.module:factory")
-    obj = _call_factory(spec, device, "feature extractor")
-    if not callable(getattr(obj, "features", None)):
-        raise RafDataError(None, f"feature extractor plug-in {spec!r}: the factory returned "
-                           f"{type(obj).__name__}, which has no features(images) method")
+    return _plugin(spec, device, "feature extractor", "features")
+
+
+def _plugin(spec: str, device: str | torch.device, kind: str, method: str) -> Any:
+    """The object a plug-in factory returns, checked to have ``method(images)``; its ``name``
+    defaults to the spec."""
+    obj = _call_factory(spec, device, kind)
+    if not callable(getattr(obj, method, None)):
+        raise RafDataError(None, f"{kind} plug-in {spec!r}: the factory returned "
+                           f"{type(obj).__name__}, which has no {method}(images) method")
     if not isinstance(getattr(obj, "name", None), str) or not obj.name:
         try:
             obj.name = f"plug-in {spec}"
         except AttributeError:
-            raise RafDataError(None, f"feature extractor plug-in {spec!r}: its object needs "
-                               "a name (str)") from None
+            raise RafDataError(None, f"{kind} plug-in {spec!r}: its object needs a name "
+                               "(str)") from None
     return obj
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from rafdata.errors import SourceError
 from rafdata.sources.base import CameraCalib, Frame, SourceOptions, Tracking
 from rafdata.sources.tracking import frame_folders, read_bfm_params
+from rafdata.store import identity_matches
 
 SEQUENCE_NAME = "all"
 
@@ -50,7 +51,7 @@ class GhaSource:
                  if d.is_dir() and (d / "images").is_dir() and (d / "params").is_dir()]
         wanted = self.options.participants
         if wanted is not None:
-            names = [n for n in names if any(_same_pid(n, str(w)) for w in wanted)]
+            names = [n for n in names if any(identity_matches(n, str(w)) for w in wanted)]
         return sorted(names, key=lambda n: (0, int(n), n) if n.isdigit() else (1, 0, n))
 
     def sequences(self, participant: str) -> list[GhaSequence]:
@@ -193,9 +194,3 @@ def _load_image(path: Path, rgb: bool = True) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8).copy()
     except OSError as exc:  # PIL.UnidentifiedImageError and truncated files are OSErrors
         raise SourceError(path, f"cannot decode image: {exc}") from exc
-
-
-def _same_pid(name: str, wanted: str) -> bool:
-    if name.isdigit() and wanted.isdigit():
-        return int(name) == int(wanted)
-    return name == wanted

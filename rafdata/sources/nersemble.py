@@ -66,11 +66,18 @@ class NersembleSource:
         self.skipped: list[str] = []
         self._warn = warn
         self._calib: dict[Path, dict[str, CameraCalib]] = {}
+        self._dirs: dict[int, tuple[str, Path | None, Path | None]] | None = None
 
     # -- participants and sequences ------------------------------------------------------
 
     def _participant_dirs(self) -> dict[int, tuple[str, Path | None, Path | None]]:
-        """{number: (name, SRC folder or None, TRACK folder or None)}, filtered by options."""
+        """{number: (name, SRC folder or None, TRACK folder or None)}, filtered by options;
+        scanned once (``sequences`` asks for every participant)."""
+        if self._dirs is None:
+            self._dirs = self._scan_participants()
+        return self._dirs
+
+    def _scan_participants(self) -> dict[int, tuple[str, Path | None, Path | None]]:
         found: dict[int, list] = {}
 
         def scan(base: Path, markers: tuple[str, ...], slot: int) -> None:

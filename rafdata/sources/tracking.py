@@ -129,7 +129,7 @@ def read_flame_npz(path: Path, flame_exp: str = "expression+jaw") -> Tracking:
         raise SourceError(path, f"key 'scale' has shape {scale_raw.shape}, expected (1, 1) or ({t},)")
     _finite(scale, path, "scale")
     return Tracking(frames=frames, exp=np.ascontiguousarray(exp), pose=pose, scale=scale,
-                    exp_space="flame2023:" + "+".join(parts), path=path)
+                    exp_space=flame_exp_space(flame_exp), path=path)
 
 
 def _flame_axis_angle(data: dict[str, np.ndarray], path: Path, per_frame, t: int) -> np.ndarray:
@@ -154,20 +154,6 @@ def _flame_axis_angle(data: dict[str, np.ndarray], path: Path, per_frame, t: int
 
 
 ROTATION_TOLERANCE = 1e-3  # max |R^T R - I| entry of a stored rotation (float32 round-off)
-
-
-def validate_tracking(tr: Tracking) -> Tracking:
-    """Check a Tracking's invariants (shapes, finite, frames strictly increasing, >= 0)."""
-    t = tr.frames.shape[0]
-    if t == 0:
-        raise SourceError(tr.path, "tracking is empty")
-    if tr.exp.ndim != 2 or tr.exp.shape[0] != t or tr.pose.shape != (t, 6) or tr.scale.shape != (t,):
-        raise SourceError(tr.path, f"inconsistent tracking shapes: frames {tr.frames.shape}, "
-                          f"exp {tr.exp.shape}, pose {tr.pose.shape}, scale {tr.scale.shape}")
-    _frame_indices(tr.frames, tr.path)
-    for key in ("exp", "pose", "scale"):
-        _finite(getattr(tr, key), tr.path, key)
-    return tr
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
