@@ -19,7 +19,9 @@ class FriendlyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except RafDataError as err:
+        except (RafDataError, OSError) as err:
+            # OSError: a path the user gave that cannot be read or written (a folder where a
+            # file is expected, no permission, disk full); its message names the file.
             Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:

@@ -283,7 +283,6 @@ def search_excluding(
     ef: int = BankConfig.ef,
     threads: int | None = None,
     bank_vectors: np.ndarray | None = None,
-    first_k: int | None = None,
     progress: Progress | None = None,
     label: str = "querying",
 ) -> SearchResult:
@@ -291,7 +290,7 @@ def search_excluding(
 
     index: built over the bank, label = bank row. member_identity: (B,) identity per bank row.
     queries: (Q, D) float32. query_identity: (Q,) identity to exclude per query (-1 or None:
-    exclude nothing). ``first_k`` (default max(3k, ef)) is the first unfiltered k; short rows are
+    exclude nothing). The first unfiltered query asks for max(3k, ef); short rows are
     re-queried with a doubling k, capped at (same-identity members + k), which by pigeonhole
     returns at least k others. Rows HNSW still cannot fill (hnswlib raises when the graph
     yields fewer than k results) use exact search over ``bank_vectors``.
@@ -324,7 +323,7 @@ def search_excluding(
     index.set_ef(ef)
     # hnswlib searches with a beam of max(ef, k) anyway, so asking for ef results costs about
     # the same as asking for 3k, and it leaves far fewer rows short (fewer re-queries).
-    k0 = min(n_bank, first_k or max(3 * k, ef))
+    k0 = min(n_bank, max(3 * k, ef))
     progress.start(label, n_q)
     for a in range(0, n_q, _QUERY_CHUNK):
         rows = np.arange(a, min(n_q, a + _QUERY_CHUNK))
@@ -489,10 +488,6 @@ class BankReport:
     index_bytes: int
     replaced: bool
     seconds: dict[str, float]
-
-    @property
-    def build_seconds(self) -> float:
-        return float(sum(self.seconds.values()))
 
 
 def _as_store(store: str | Path | Store) -> Store:

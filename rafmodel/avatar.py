@@ -48,9 +48,6 @@ from rafmodel.rotations import (
     quat_to_matrix,
 )
 
-GAUSSIAN_KEYS = ("xyz", "features", "rotation", "log_scales", "opacity_logit", "color_logit")
-
-
 # --------------------------------------------------------------------------- configuration
 
 
@@ -550,8 +547,10 @@ class GaussianHeadAvatar(nn.Module):
     @classmethod
     def from_state_dict(cls, cfg: AvatarConfig, state: Mapping[str, Tensor]) -> GaussianHeadAvatar:
         """A model shaped like ``state`` (any N, any anchor count) with its weights loaded."""
-        n = state["gaussians.xyz"].shape[0]
-        init = PointCloudInit(xyz=torch.zeros(n, 3), rgb=None, center=torch.zeros(3),
+        # Built from one point: load_state_dict resizes every per-Gaussian tensor to the
+        # checkpoint's N, and an N-point init would run the O(N^2) initial-scale search for
+        # nothing (minutes for a grown GPU model).
+        init = PointCloudInit(xyz=torch.zeros(1, 3), rgb=None, center=torch.zeros(3),
                               head_radius=1.0, pose_t_ref=torch.zeros(3))
         model = cls(cfg, init, anchors=torch.zeros(1, 3))
         model.load_state_dict(state)
@@ -696,7 +695,7 @@ class GaussianHeadAvatar(nn.Module):
 
 
 __all__ = [
-    "GAUSSIAN_KEYS", "AvatarConfig", "GaussianHeadAvatar", "HullSample", "PointCloudInit",
+    "AvatarConfig", "GaussianHeadAvatar", "HullSample", "PointCloudInit",
     "axis_angle_to_matrix", "axis_angle_to_quat", "canonical_head_radius", "head_ellipsoid_radii",
     "init_ellipsoid", "init_from_visual_hull", "knn_mean_sq_dist", "positional_encoding",
     "quat_multiply", "quat_to_matrix", "select_face_anchors",

@@ -37,7 +37,7 @@ import math
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +82,6 @@ class AugmentConfig:
             raise ValueError(f"topk must be >= 1, not {self.topk}")
         if not np.isfinite(self.noise_std) or self.noise_std < 0:
             raise ValueError(f"noise_std must be a finite number >= 0, not {self.noise_std}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def load_neighbors(store: Store, bank: str) -> np.ndarray:

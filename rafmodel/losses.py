@@ -32,7 +32,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +53,6 @@ __all__ = [
     "find_lpips_heads",
     "load_lpips_heads",
     "load_vgg16_features_state",
-    "make_loss",
     "psnr",
     "ssim",
     "try_load_lpips",
@@ -535,9 +534,6 @@ class LossConfig:
     vgg_weights: str | None = None
     lpips_weights: str | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 class ReconstructionLoss(nn.Module):
     """``l1 * L1 + lpips_w * LPIPS + dssim_w * D-SSIM`` (terms with weight 0 are skipped).
@@ -635,9 +631,3 @@ def build_loss(
     loss.description = desc
     return loss.to(device), desc
 
-
-def make_loss(
-    cfg: LossConfig, device: torch.device | str = "cpu", warn: Warn | None = None
-) -> ReconstructionLoss:
-    """:func:`build_loss` without the separate description (it is ``loss.description``)."""
-    return build_loss(cfg, device, warn)[0]

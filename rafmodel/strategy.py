@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,9 +84,6 @@ class DensifyConfig:
     split_shrink: float = 1.6
     max_gaussians: int | None = None
     seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def for_iters(cls, iters: int, **overrides: Any) -> DensifyConfig:

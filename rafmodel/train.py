@@ -49,7 +49,7 @@ from rafmodel.data import (
 )
 from rafmodel.device import select_device
 from rafmodel.losses import LossConfig, build_loss, psnr
-from rafmodel.render import render
+from rafmodel.render import render, resolve_backend
 from rafmodel.strategy import DensifyConfig, make_strategy
 from rafmodel.targets import composite_target, render_K
 
@@ -96,6 +96,31 @@ class TrainConfig:
     hull_views: int = 16  # views carved for the initial point cloud
     loss: LossConfig = field(default_factory=LossConfig)
     densify: DensifyConfig | None = None  # None: the 30k-step schedule scaled to iters
+
+    def validate(self) -> None:
+        """Raise RafDataError (one line) for settings no run could use, before anything is
+        written."""
+        problems = []
+        if not 0.0 <= self.p <= 1.0:
+            problems.append(f"--p must be in [0, 1] (got {self.p})")
+        if not self.noise_std >= 0:
+            problems.append(f"--noise-std must be >= 0 (got {self.noise_std})")
+        at_least = {"--topk": (self.topk, 1), "--batch-size": (self.batch_size, 1),
+                    "--iters": (self.iters, 1), "--workers": (self.workers, 0),
+                    "--resolution": (self.resolution, 16),
+                    "--num-gaussians": (self.num_gaussians, 1),
+                    "--mlp-width": (self.mlp_width, 1), "--log-every": (self.log_every, 1),
+                    "--preview-every": (self.preview_every, 1),
+                    "--checkpoint-every": (self.checkpoint_every, 1)}
+        problems += [f"{name} must be >= {low} (got {value})"
+                     for name, (value, low) in at_least.items()
+                     if value is not None and value < low]
+        for name, path in (("--vgg-weights", self.loss.vgg_weights),
+                           ("--lpips-weights", self.loss.lpips_weights)):
+            if path is not None and not Path(path).is_file():
+                problems.append(f"{name} {path}: no such file")
+        if problems:
+            raise RafDataError(None, "; ".join(problems))
 
     def resolved(self, device: torch.device) -> TrainConfig:
         """A copy with every None filled in for ``device``."""
@@ -150,6 +175,11 @@ class Runner:
             self.device = select_device(cfg.device)
         except ValueError as err:
             raise RafDataError(None, str(err)) from None
+        cfg.validate()
+        try:
+            resolve_backend(cfg.backend, self.device)  # now, not at the first render
+        except ValueError as err:
+            raise RafDataError(None, str(err)) from None
         self.cfg = cfg.resolved(self.device)
         self.out = Path(self.cfg.out)
         self._check_out(resume)
@@ -192,6 +222,9 @@ class Runner:
         if resume and not (self.out / "checkpoints" / "last.pt").exists():
             raise RafDataError(self.out, "no checkpoints/last.pt to resume from")
         if not resume and started:
+            if not (self.out / "checkpoints" / "last.pt").exists():
+                raise RafDataError(self.out, "holds a run that stopped before its first "
+                                   "checkpoint; delete the folder or choose another --out")
             raise RafDataError(self.out, "already holds a run; pass --resume to continue it "
                                "or choose another --out")
 

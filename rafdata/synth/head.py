@@ -40,8 +40,6 @@ N_SEMANTIC = len(SEMANTIC_DIMS)
 
 # Canonical landmarks (neutral expression, average identity) that tests and tools may use.
 NOSE_TIP = np.array([0.0, -0.16, 1.0])
-FOREHEAD = np.array([0.0, 0.45, 0.82])
-CHIN = np.array([0.0, -0.8, 0.8])
 
 # Fine surface detail: waves per part, frequency range (radians per canonical unit, i.e. per
 # ~head radius), relative colour amplitude on hair-like and on skin-like parts.

@@ -54,11 +54,6 @@ class Projected:
     depths: Tensor
     radii: Tensor
 
-    @property
-    def visible(self) -> Tensor:
-        """(N,) bool: the Gaussian reaches the image."""
-        return (self.radii > 0).all(dim=-1)
-
 
 def project(
     means: Tensor,
