@@ -38,7 +38,9 @@ RUN=${RUN_DIR:-/tmp/gpu-check-run}
 rm -rf "$RUN"
 timeout 150 python3 -c 'import sys; from cli.rafmodel import main; sys.exit(main())' \
   train "$STORE" --subject 388 --iters 60 --out "$RUN" --quiet 2>&1 | tail -n 5
+echo "train: exit ${PIPESTATUS[0]}"
 timeout 150 python3 -c 'import sys; from cli.rafmodel import main; sys.exit(main())' \
   eval "$RUN" "$STORE" --frames 2 --no-videos --quiet 2>&1 | tail -n 15
+echo "eval: exit ${PIPESTATUS[0]}"
 cp "$RUN/config.json" "$OUT/run_config.json" 2>/dev/null
 find "$RUN/eval" -maxdepth 1 -name "*.json" -exec cp {} "$OUT/" \; 2>/dev/null

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import FriendlyGroup, split_list
+from rafdata.errors import RafDataError
 from rafdata.progress import RichProgress
 from rafdata.store import COMPRESSIONS, DEFAULT_COMPRESSION
 
@@ -51,6 +52,10 @@ def synth(out: Path, participants, sequences, cameras, frames, frame_step, width
 
     from rafdata.synth import SynthConfig, write_dataset, write_gha_dataset
 
+    if layout == "gha" and (no_alpha or tracking not in (None, "bfm")):
+        # GHA's preprocessing always leaves BFM params and masks: these would be ignored.
+        raise RafDataError(None, "the gha layout always holds BFM params/ and mask_*.jpg: "
+                           "--tracking flame|both and --no-alpha are for the nersemble layout")
     cfg = SynthConfig()
     given = {
         "participants": split_list(participants), "sequences": split_list(sequences),

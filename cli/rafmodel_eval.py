@@ -27,20 +27,23 @@ def _fmt(v: object) -> str:
               help="Driver identities (comma separated) [default: all others with held-out "
                    "data].")
 @click.option("--frames", type=click.IntRange(min=1), default=None,
-              help="At most N timesteps per held-out sequence, evenly spaced [default: all].")
+              help="At most N held-out timesteps per subject (self-driving) and per driver "
+                   "(cross-driving), evenly spaced [default: all].")
 @click.option("--regressor", default=None,
               help="Coefficient regressor for AED/APD: a checkpoint PATH or module:factory.")
 @click.option("--emotion", default=None,
               help="Feature extractor (module:factory) for emotion similarity.")
 @click.option("--vgg-weights", default=None, type=click.Path(path_type=Path),
               help="torchvision VGG16 ImageNet checkpoint for LPIPS [default: torch cache].")
+@click.option("--lpips-weights", default=None, type=click.Path(path_type=Path),
+              help="LPIPS linear heads [default: from an installed lpips/torchmetrics].")
 @click.option("--synth-root", default=None, type=click.Path(path_type=Path),
               help="The rafdata synth folder, if the store lacks the generator manifest.")
 @click.option("--no-videos", is_flag=True, help="Skip the mp4 videos and the PNG grid.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
 @click.option("--quiet", is_flag=True, help="No progress bars (warnings still printed).")
 def eval_command(paths, out, cameras, drivers, frames, regressor, emotion, vgg_weights,
-                 synth_root, no_videos, device, quiet):
+                 lpips_weights, synth_root, no_videos, device, quiet):
     """Self- and cross-driving metrics, videos and a grid for RUN... on STORE.
 
     PATHS: one or more run folders (or checkpoints) followed by the store, e.g.
@@ -55,7 +58,8 @@ def eval_command(paths, out, cameras, drivers, frames, regressor, emotion, vgg_w
     cfg = EvalConfig(out=None if out is None else str(out), cameras=split_list(cameras),
                      drivers=split_list(drivers), frames=frames, regressor=regressor,
                      emotion=emotion, vgg_weights=None if vgg_weights is None
-                     else str(vgg_weights), synth_root=None if synth_root is None
+                     else str(vgg_weights), lpips_weights=None if lpips_weights is None
+                     else str(lpips_weights), synth_root=None if synth_root is None
                      else str(synth_root), device=device, videos=not no_videos)
     with RichProgress(quiet=quiet) as progress:
         summary = evaluate(runs, store, cfg, progress)

@@ -63,7 +63,6 @@ def fit_regressor(store, out, exclude, no_exclude, iters, size, batch_size, lr, 
     except the excluded ones, in sequences that are not held out, and reports its validation
     error against predicting the training mean.
     """
-    from rafdata.errors import RafDataError
     from rafdata.progress import RichProgress
     from rafmodel.device import select_device
     from rafmodel.regressor import RegressorConfig
@@ -79,10 +78,6 @@ def fit_regressor(store, out, exclude, no_exclude, iters, size, batch_size, lr, 
     out = out or Path(store).with_name("regressor.pt")
     cfg = RegressorConfig(size=size, iters=iters, batch_size=batch_size, lr=lr, crop=crop,
                           seed=seed)
-    if not excluded and not no_exclude:
-        raise RafDataError(None, "name the evaluated subjects with --exclude (e.g. --exclude "
-                           "388): a regressor trained on them reads their renders too kindly; "
-                           "--no-exclude trains on everyone knowingly")
     with RichProgress(quiet) as progress:
         report = fit(store, out, cfg, exclude=excluded, progress=progress,
                      allow_no_exclude=no_exclude, device=dev)

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from rafdata.coverage import PCA, _bank_neighbors  # noqa: E402
-from rafdata.errors import StoreError  # noqa: E402
+from rafdata.errors import RafDataError, StoreError  # noqa: E402
 from rafdata.store import Store  # noqa: E402
 
 N_NEIGHBORS = 10
@@ -84,6 +84,8 @@ def plot_bank(store: str | Path | Store, out_png: str | Path, bank: str = "full"
     queries: timestep rows; None draws ``n_queries`` at random (:func:`default_queries`).
     The PCA is fitted on the bank members. Returns {"queries", "neighbors", "explained"}.
     """
+    if Path(out_png).suffix.lower() != ".png":
+        raise RafDataError(out_png, "plot-bank writes a PNG: give a path ending in .png")
     st = store if isinstance(store, Store) else Store(store)
     try:
         members = _members(st, bank)

@@ -87,7 +87,8 @@ class EvalConfig:
     cameras: serials for self-driving (None: all the subject's stored cameras); the first
     one is also the cross-driving camera (None: 222200037 when present, else the first).
     drivers: identities driving the avatar (None: all others with held-out data).
-    frames: at most this many timesteps per held-out sequence, evenly spaced (None: all).
+    frames: at most this many held-out timesteps per subject (self-driving) and per driver
+        (cross-driving), evenly spaced (None: all).
     regressor: path / ``module:factory`` spec for ``rafmodel.regressor.load_regressor``, or
     an object with ``predict(images) -> (exp, pose)`` (None: no AED/APD).
     emotion: spec for ``load_feature_extractor`` or an object with ``features(images)``.
@@ -393,19 +394,11 @@ def _resolve_regressor(spec: Any, device: torch.device, store: Store,
     """
     if spec is None:
         return None
-    if not hasattr(spec, "predict"):
-        from rafmodel.regressor import load_regressor
+    from rafmodel.regressor import check_regressor, load_regressor
 
+    if not hasattr(spec, "predict"):
         spec = load_regressor(spec, device=str(device))
-    try:
-        from rafmodel.regressor import check_regressor
-    except ImportError:  # optional module: only the dimension can be checked here
-        if int(getattr(spec, "exp_dim", store.exp_dim)) != store.exp_dim:
-            raise RafDataError(store.path, f"regressor {getattr(spec, 'name', '?')} predicts "
-                               f"{spec.exp_dim}-dim expressions; the store holds "
-                               f"{store.exp_dim}") from None
-    else:
-        check_regressor(spec, store, subjects)
+    check_regressor(spec, store, subjects)
     return spec
 
 
@@ -605,78 +598,80 @@ def evaluate(runs: Sequence[str | Path], store_path: str | Path, cfg: EvalConfig
         raise RafDataError(None, "no run given")
     device = _select_device(cfg.device)
     store = Store(store_path)
-    infos = [load_run(r, device) for r in runs]
-    _unique_labels(infos)
-    for r in infos:
-        dim = int(getattr(r.model.cfg, "exp_dim", store.exp_dim))
-        if dim != store.exp_dim:
-            raise RafDataError(store.path, f"run {r.path} was trained on {dim}-dim expressions; "
-                               f"the store holds {store.exp_dim} ({store.exp_space})")
-        if Path(str(r.train.get("store", ""))).name != Path(store_path).name:
-            progress.warn(f"{r.path}: trained on {r.train.get('store')}, evaluated on "
-                          f"{store_path}")
-    out = Path(cfg.out) if cfg.out else (infos[0].path / "eval" if len(infos) == 1
-                                         else infos[0].path.parent / "eval")
-    out.mkdir(parents=True, exist_ok=True)
-
-    lpips = _load_lpips(cfg, device, progress)
-    regressor = _resolve_regressor(cfg.regressor, device, store,
-                                   sorted({r.subject for r in infos}))
-    emotion = _resolve_emotion(cfg.emotion, device)
-    synth, synth_note = load_synth(store, cfg.synth_root)
-    computed_with = _computed_with(cfg, store, lpips, regressor, emotion, synth, synth_note,
-                                   device)
-
-    results: dict[str, dict[str, Any]] = {}
-    for r in infos:
-        results[r.label] = {
-            "run": str(r.path), "checkpoint": str(r.checkpoint), "label": r.label,
-            "subject": r.subject, "method": r.method, "store": str(store_path),
-            "render_size": [r.width, r.height],
-            "background": [float(v) for v in r.background.cpu()],
-        }
-        if cfg.self_driving:
-            results[r.label]["self"] = evaluate_self(r, store, cfg, lpips, progress)
-
-    videos: list[str] = []
-    grids: list[str] = []
-    notes: list[str] = []
-    if cfg.cross_driving:
-        by_subject: dict[str, list[RunInfo]] = {}
+    try:
+        infos = [load_run(r, device) for r in runs]
+        _unique_labels(infos)
         for r in infos:
-            by_subject.setdefault(r.subject, []).append(r)
-        for group in by_subject.values():
-            cross, v, g, n = _evaluate_cross(group, store, cfg, out, lpips, regressor, emotion,
-                                             synth, progress)
-            for r in group:
-                results[r.label]["cross"] = cross[r.label]
-            videos += v
-            grids += g
-            notes += n
+            dim = int(getattr(r.model.cfg, "exp_dim", store.exp_dim))
+            if dim != store.exp_dim:
+                raise RafDataError(store.path, f"run {r.path} was trained on {dim}-dim expressions; "
+                                   f"the store holds {store.exp_dim} ({store.exp_space})")
+            if Path(str(r.train.get("store", ""))).name != Path(store_path).name:
+                progress.warn(f"{r.path}: trained on {r.train.get('store')}, evaluated on "
+                              f"{store_path}")
+        out = Path(cfg.out) if cfg.out else (infos[0].path / "eval" if len(infos) == 1
+                                             else infos[0].path.parent / "eval")
+        out.mkdir(parents=True, exist_ok=True)
 
-    metrics_files = []
-    for r in infos:
-        doc = {**results[r.label], "computed_with": computed_with, "config": cfg.describe()}
-        path = out / "metrics.json" if len(infos) == 1 else out / _safe(r.label) / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=_json_default))
-        metrics_files.append(str(path))
+        lpips = _load_lpips(cfg, device, progress)
+        regressor = _resolve_regressor(cfg.regressor, device, store,
+                                       sorted({r.subject for r in infos}))
+        emotion = _resolve_emotion(cfg.emotion, device)
+        synth, synth_note = load_synth(store, cfg.synth_root)
+        computed_with = _computed_with(cfg, store, lpips, regressor, emotion, synth, synth_note,
+                                       device)
 
-    summary = {
-        "out": str(out),
-        "runs": [{"label": r.label, "run": str(r.path), "subject": r.subject,
-                  "metrics": metrics_files[i],
-                  "self": results[r.label].get("self", {}).get("mean"),
-                  "cross": results[r.label].get("cross", {}).get("mean")}
-                 for i, r in enumerate(infos)],
-        "videos": videos,
-        "grids": grids,
-        "notes": notes,
-        "computed_with": computed_with,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False,
-                                                 default=_json_default))
-    store.close()
+        results: dict[str, dict[str, Any]] = {}
+        for r in infos:
+            results[r.label] = {
+                "run": str(r.path), "checkpoint": str(r.checkpoint), "label": r.label,
+                "subject": r.subject, "method": r.method, "store": str(store_path),
+                "render_size": [r.width, r.height],
+                "background": [float(v) for v in r.background.cpu()],
+            }
+            if cfg.self_driving:
+                results[r.label]["self"] = evaluate_self(r, store, cfg, lpips, progress)
+
+        videos: list[str] = []
+        grids: list[str] = []
+        notes: list[str] = []
+        if cfg.cross_driving:
+            by_subject: dict[str, list[RunInfo]] = {}
+            for r in infos:
+                by_subject.setdefault(r.subject, []).append(r)
+            for group in by_subject.values():
+                cross, v, g, n = _evaluate_cross(group, store, cfg, out, lpips, regressor, emotion,
+                                                 synth, progress)
+                for r in group:
+                    results[r.label]["cross"] = cross[r.label]
+                videos += v
+                grids += g
+                notes += n
+
+        metrics_files = []
+        for r in infos:
+            doc = {**results[r.label], "computed_with": computed_with, "config": cfg.describe()}
+            path = out / "metrics.json" if len(infos) == 1 else out / _safe(r.label) / "metrics.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=_json_default))
+            metrics_files.append(str(path))
+
+        summary = {
+            "out": str(out),
+            "runs": [{"label": r.label, "run": str(r.path), "subject": r.subject,
+                      "metrics": metrics_files[i],
+                      "self": results[r.label].get("self", {}).get("mean"),
+                      "cross": results[r.label].get("cross", {}).get("mean")}
+                     for i, r in enumerate(infos)],
+            "videos": videos,
+            "grids": grids,
+            "notes": notes,
+            "computed_with": computed_with,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False,
+                                                     default=_json_default))
+    finally:
+        store.close()
     return summary
 
 
@@ -897,14 +892,9 @@ def _regressor_metrics(regressor, renders: list[Tensor], alphas: list[Tensor], e
     The render's alpha is the matte a regressor that crops to the face may use
     (``rafmodel.regressor.regress`` passes it only to regressors that accept masks).
     """
-    imgs, masks = torch.stack(renders), torch.stack(alphas)
-    try:
-        from rafmodel.regressor import regress
-    except ImportError:  # the regressor module is optional: call the protocol directly
-        with torch.no_grad():
-            exp_p, pose_p = (t.detach().float().cpu() for t in regressor.predict(imgs))
-    else:
-        exp_p, pose_p = regress(regressor, imgs, masks)
+    from rafmodel.regressor import regress
+
+    exp_p, pose_p = regress(regressor, torch.stack(renders), torch.stack(alphas))
     e = (exp_p - exp_d).abs().mean(1)
     p = (pose_p - pose_d).abs()
     for j in range(e.shape[0]):
@@ -919,13 +909,9 @@ def _emotion_metrics(extractor, renders: list[Tensor], drivers: list[Tensor | No
         return
     a = torch.stack([renders[i] for i, _ in pairs])
     b = torch.stack([d for _, d in pairs])
-    try:
-        from rafmodel.regressor import extract_features
-    except ImportError:
-        with torch.no_grad():
-            fr, fd = extractor.features(a).float().cpu(), extractor.features(b).float().cpu()
-    else:
-        fr, fd = extract_features(extractor, a), extract_features(extractor, b)
+    from rafmodel.regressor import extract_features
+
+    fr, fd = extract_features(extractor, a), extract_features(extractor, b)
     sim = F.cosine_similarity(fr, fd, dim=1)
     for (i, _), s in zip(pairs, sim, strict=True):
         rows[i]["emotion_sim"] = float(s)

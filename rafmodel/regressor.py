@@ -231,6 +231,9 @@ class RegressorConfig:
             problems.append(f"crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}")
         if self.max_images < 2:
             problems.append("max_images must be >= 2")
+        if not self.lr > 0 or not self.weight_decay >= 0:
+            problems.append(f"lr must be > 0 and weight_decay >= 0, not {self.lr} and "
+                            f"{self.weight_decay}")
         if problems:
             raise RafDataError(None, "invalid regressor config: " + "; ".join(problems))
 
@@ -470,7 +473,8 @@ def fit_regressor(
     excluded = tuple(str(e) for e in (exclude or ()))
     if not excluded and not allow_no_exclude:
         raise RafDataError(None, "name the evaluated subjects to exclude from the regressor's "
-                           "training (--exclude 388), or pass --no-exclude knowingly")
+                           "training (--exclude 388): a regressor trained on them reads their "
+                           "renders too kindly; --no-exclude trains on everyone knowingly")
     t0 = time.perf_counter()
     store = Store(store_path)
     try:

@@ -220,10 +220,12 @@ class SimpleStrategy:
                                  "pass the output of this step's render")
             h, w = o.image.shape[0], o.image.shape[1]
             g = (grad * grad.new_tensor([w / 2.0, h / 2.0])).norm(dim=-1)
+            # Dense updates, not boolean-mask indexing: the same numbers (invisible rows add 0,
+            # their radius is 0) without the device syncs that masks cost on CUDA.
             vis = o.radii > 0
-            self.grad2d[vis] += g[vis]
-            self.count[vis] += 1
-            self.radii[vis] = torch.maximum(self.radii[vis], o.radii[vis].float() / max(w, h))
+            self.grad2d += torch.where(vis, g, torch.zeros_like(g))
+            self.count += vis
+            self.radii = torch.maximum(self.radii, o.radii.float() / max(w, h))
 
     # -- operations
 
