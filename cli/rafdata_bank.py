@@ -10,6 +10,7 @@ from rich.console import Console
 from cli.common import split_list
 from rafdata.bank import BankConfig, default_threads
 from rafdata.bank import build_bank as _build_bank
+from rafdata.errors import StoreError
 from rafdata.progress import RichProgress
 
 _D = BankConfig(threads=1)
@@ -59,20 +60,10 @@ def build_bank(store: Path, name: str, frames_per_id: int, seed: int, k: int, m:
                exact: bool, recall_sample: int, force: bool, quiet: bool) -> None:
     """Build expression bank NAME in STORE and the cross-identity neighbour table of every
     timestep (held-out ones included), written atomically beside any other banks."""
-    from rafdata.errors import StoreError
-
-    if not store.exists():
-        raise StoreError(store, "no such store file")
-    for opt, value, low in (("--frames-per-id", frames_per_id, 1), ("--k", k, 1),
-                            ("--M", m, 2), ("--ef-construction", ef_construction, 1),
-                            ("--ef", ef, 1), ("--recall-sample", recall_sample, 0)):
-        if value < low:
-            raise StoreError(store, f"{opt} must be at least {low}, got {value}")
-    if threads is not None and threads < 1:
-        raise StoreError(store, f"--threads must be at least 1, got {threads}")
     cfg = BankConfig(
         name=name, frames_per_id=frames_per_id, seed=seed, k=k, M=m,
-        ef_construction=ef_construction, ef=ef, threads=threads or default_threads(),
+        ef_construction=ef_construction, ef=ef,
+        threads=default_threads() if threads is None else threads,
         identities=split_list(identities) if identities is not None else None,
         identity_fraction=identity_fraction, subset_seed=subset_seed, subset_part=subset_part,
         exact=exact, recall_sample=recall_sample, force=force,

@@ -82,8 +82,6 @@ def coverage(store: Path, subject: str | None, all_: bool, bank: str, drivers: s
              unbiased: bool, json_path: Path | None, quiet: bool) -> None:
     """Coverage of the driver expressions by SUBJECT's training expressions, Vanilla vs +RAF:
     MMD² (RBF), KL by KDE in PCA space, and B2T (mean nearest-training distance)."""
-    if not store.exists():
-        raise StoreError(store, "no such store file")
     if (subject is None) == (not all_):
         raise StoreError(store, "pass exactly one of --subject ID or --all")
     if drivers is not None and not split_list(drivers):
@@ -136,8 +134,6 @@ def plot_bank(store: Path, out: Path, bank: str, queries: str | None, n_queries:
     bank neighbours of other identities."""
     from rafdata.plots import plot_bank as _plot_bank
 
-    if not store.exists():
-        raise StoreError(store, "no such store file")
     rows = None
     if queries is not None:
         try:

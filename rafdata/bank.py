@@ -98,6 +98,15 @@ class BankConfig:
     recall_sample: int = 1000  # queries compared with exact search (all when fewer)
     force: bool = False  # replace an existing bank of this name
 
+    def validate(self, path: str | Path | None) -> None:
+        """StoreError (one line, naming ``path``) for settings hnswlib or sampling cannot use."""
+        for opt, value, low in (("--frames-per-id", self.frames_per_id, 1), ("--k", self.k, 1),
+                                ("--M", self.M, 2), ("--ef-construction", self.ef_construction, 1),
+                                ("--ef", self.ef, 1), ("--recall-sample", self.recall_sample, 0),
+                                ("--threads", self.threads, 1)):
+            if value < low:
+                raise StoreError(path, f"{opt} must be at least {low}, got {value}")
+
 
 # ---------------------------------------------------------------------------------------------
 # Core: numpy arrays in, numpy arrays out
@@ -532,10 +541,7 @@ def build_bank(
 def _build_bank(st: Store, cfg: BankConfig, progress: Progress) -> BankReport:
     path = st.path
     _check_name(path, cfg.name)
-    if cfg.k < 1:
-        raise StoreError(path, f"k must be at least 1, got {cfg.k}")
-    if cfg.frames_per_id < 1:
-        raise StoreError(path, f"frames per identity must be at least 1, got {cfg.frames_per_id}")
+    cfg.validate(path)
     ts = st.timesteps
     n_t = len(ts)
     if n_t == 0 or ts.exp.ndim != 2 or ts.exp.shape[1] == 0:

@@ -24,9 +24,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
+from rafdata.bank import bank_names
 from rafdata.errors import StoreError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import Store
@@ -339,20 +341,25 @@ class _Target:
         return self._kyy
 
 
-def _bank_neighbors(store: Store, bank: str) -> tuple[np.ndarray, str]:
-    """The top-1 column of /banks/{bank}/neighbors/index, (T,) int64, checked."""
+def neighbor_table(store: Store, bank: str) -> h5py.Dataset:
+    """/banks/{bank}/neighbors/index, (T, K) int, checked to exist and match /timesteps
+    (not read: callers take the columns they need)."""
     f = store.h5()
     key = f"banks/{bank}/neighbors/index"
-    if f"banks/{bank}" not in f or key not in f:
-        have = sorted(n for n in f["banks"] if not n.startswith(".")) if "banks" in f else []
+    if bank not in bank_names(store) or key not in f:
         raise StoreError(store.path, f"no bank {bank!r} with a neighbour table (has: "
-                                     f"{', '.join(have) or 'none'}); run `rafdata build-bank` "
-                                     "first")
+                                     f"{', '.join(bank_names(store)) or 'none'}); run "
+                                     "`rafdata build-bank` first")
     ds = f[key]
     if ds.ndim != 2 or ds.shape[0] != len(store.timesteps) or ds.shape[1] < 1:
         raise StoreError(store.path, f"/{key} has shape {ds.shape} but the store has "
                                      f"{len(store.timesteps)} timesteps; rebuild the bank")
-    return np.asarray(ds[:, 0], np.int64), key
+    return ds
+
+
+def _top1(store: Store, bank: str) -> np.ndarray:
+    """(T,) int64: each timestep's nearest bank member of another identity."""
+    return np.asarray(neighbor_table(store, bank)[:, 0], np.int64)
 
 
 def _driver_rows(store: Store, cfg: CoverageConfig) -> np.ndarray:
@@ -489,7 +496,7 @@ def subject_coverage(store: str | Path | Store, subject: str,
     st, own = _open(store)
     try:
         cfg.validate(st.path)
-        nb, _ = _bank_neighbors(st, cfg.bank)
+        nb = _top1(st, cfg.bank)
         st.identity_index(subject)  # unknown subject: StoreError before any work
         drivers = _driver_rows(st, cfg)
         target = _prepare_target(st, drivers, cfg) if cfg.include_own_drivers else None
@@ -528,7 +535,7 @@ def all_subjects(store: str | Path | Store, cfg: CoverageConfig | None = None,
     st, own = _open(store)
     try:
         cfg.validate(st.path)
-        nb, _ = _bank_neighbors(st, cfg.bank)
+        nb = _top1(st, cfg.bank)
         drivers = _driver_rows(st, cfg)
         names = list(subjects) if subjects is not None else subjects_with_drivers(st, cfg)
         for s in names:

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from rafdata.coverage import PCA, _bank_neighbors  # noqa: E402
+from rafdata.coverage import PCA, neighbor_table  # noqa: E402
 from rafdata.errors import RafDataError, StoreError  # noqa: E402
 from rafdata.store import Store  # noqa: E402
 
@@ -24,7 +24,7 @@ _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 
 def _members(store: Store, bank: str) -> np.ndarray:
-    _bank_neighbors(store, bank)  # the bank must exist (same error as coverage)
+    neighbor_table(store, bank)  # the bank must exist (same error as coverage)
     members = np.asarray(store.h5()[f"banks/{bank}/members"][:], np.int64)
     if len(members) < 2 or members.min() < 0 or members.max() >= len(store.timesteps):
         raise StoreError(store.path, f"/banks/{bank}/members is empty or refers to missing "
