@@ -137,3 +137,15 @@ def test_inspect_summarises_large_stores(runner, tmp_path):
     assert out.count("EXP-1-head") == 1 and "identities" in out
     assert len(json.loads(runner.invoke(rafdata, ["inspect", str(path), "--json"]).stdout)[
         "sequences"]) == 60
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--every", "0"], "--every must be >= 1"),
+    (["--size", "0", "32"], "--size W H needs W, H >= 1"),
+    (["--crop", "0", "0", "0", "8"], "--crop X Y W H needs W, H >= 1"),
+])
+def test_ingest_bad_options_are_one_line(runner, synth_bfm, tmp_path, args, pattern):
+    out = tmp_path / "o.h5"
+    res = runner.invoke(rafdata, ["ingest", str(synth_bfm), "-o", str(out), "--quiet", *args])
+    assert res.exit_code == 2 and pattern in res.output and "Traceback" not in res.output
+    assert not out.exists()

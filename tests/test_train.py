@@ -146,3 +146,22 @@ def test_store_without_masks_starts_from_an_ellipsoid(tmp_path):
                                 iters=2, out=str(tmp_path / "run"), **TINY), warn=warnings.append)
     assert any("no masks" in w and "ellipsoid" in w for w in warnings)
     assert runner.train()["steps"] == 2
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    ({"p": 2.0}, r"--p must be in \[0, 1\]"),
+    ({"topk": 0}, "--topk must be >= 1"),
+    ({"batch_size": 0}, "--batch-size must be >= 1"),
+    ({"log_every": 0}, "--log-every must be >= 1"),
+    ({"backend": "gsplat"}, "needs CUDA"),
+])
+def test_bad_settings_refused_before_anything_is_written(banked_store, tmp_path, overrides,
+                                                         pattern):
+    from rafdata.errors import RafDataError
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(store=str(banked_store), subject="388", out=str(out),
+                      **{**TINY, **overrides})
+    with pytest.raises(RafDataError, match=pattern):
+        Runner(cfg, warn=lambda m: None)
+    assert not out.exists()
