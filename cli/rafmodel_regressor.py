@@ -71,10 +71,7 @@ def fit_regressor(store, out, exclude, no_exclude, iters, size, batch_size, lr, 
     excluded = split_list(exclude)
     if excluded and no_exclude:
         raise click.UsageError("give --exclude or --no-exclude, not both")
-    try:
-        dev = select_device(device)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    dev = select_device(device)
     out = out or Path(store).with_name("regressor.pt")
     cfg = RegressorConfig(size=size, iters=iters, batch_size=batch_size, lr=lr, crop=crop,
                           seed=seed)

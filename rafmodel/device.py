@@ -6,11 +6,13 @@ up (never imported) here; CPU runs use our own PyTorch rasterizer.
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 from dataclasses import asdict, dataclass
 
 import torch
+
+from rafdata.errors import RafDataError
+from rafmodel.render import gsplat_available, resolve_backend
 
 
 @dataclass(frozen=True)
@@ -27,12 +29,19 @@ class DeviceInfo:
         return asdict(self)
 
 
+DEVICES = ("auto", "cuda", "cpu")
+
+
 def select_device(preference: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU raises ValueError."""
+    """'auto' -> cuda when available, else cpu. A user's choice that cannot be met ('cuda'
+    without a GPU, an unknown name) is a RafDataError: one line in every command."""
+    if preference not in DEVICES:
+        raise RafDataError(None, f"--device must be one of {', '.join(DEVICES)}, not "
+                           f"{preference!r}")
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        raise RafDataError(None, "--device cuda asked for, but torch sees no CUDA device")
     return torch.device(preference)
 
 
@@ -40,7 +49,7 @@ def describe(preference: str = "auto") -> DeviceInfo:
     cuda = torch.cuda.is_available()
     names = tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
         if cuda else ()
-    gsplat = importlib.util.find_spec("gsplat") is not None
+    gsplat = gsplat_available()
     device = select_device(preference)
     return DeviceInfo(
         torch=torch.__version__,
@@ -49,5 +58,5 @@ def describe(preference: str = "auto") -> DeviceInfo:
         cuda_devices=names,
         gsplat_installed=gsplat,
         device=str(device),
-        renderer="gsplat" if device.type == "cuda" and gsplat else "torch",
+        renderer=resolve_backend("auto", device),
     )

@@ -69,6 +69,7 @@ from torch import Tensor
 from rafdata.errors import RafDataError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import Store
+from rafmodel.device import select_device
 from rafmodel.losses import psnr, ssim
 from rafmodel.targets import composite_target, render_K
 
@@ -495,15 +496,6 @@ class Mp4Writer:
 # The evaluation
 
 
-def _select_device(name: str) -> torch.device:
-    from rafmodel.device import select_device
-
-    try:
-        return select_device(name)
-    except ValueError as err:
-        raise RafDataError(None, str(err)) from None
-
-
 def _load_lpips(cfg: EvalConfig, device: torch.device, progress: Progress):
     from rafmodel.losses import try_load_lpips
 
@@ -596,7 +588,7 @@ def evaluate(runs: Sequence[str | Path], store_path: str | Path, cfg: EvalConfig
     progress = progress or NullProgress()
     if not runs:
         raise RafDataError(None, "no run given")
-    device = _select_device(cfg.device)
+    device = select_device(cfg.device)
     store = Store(store_path)
     try:
         infos = [load_run(r, device) for r in runs]

@@ -171,10 +171,7 @@ class Runner:
     def __init__(self, cfg: TrainConfig, warn: Callable[[str], None] = print,
                  resume: bool = False):
         self.warn = warn
-        try:
-            self.device = select_device(cfg.device)
-        except ValueError as err:
-            raise RafDataError(None, str(err)) from None
+        self.device = select_device(cfg.device)
         cfg.validate()
         try:
             resolve_backend(cfg.backend, self.device)  # now, not at the first render
