@@ -55,6 +55,7 @@ __all__ = [
     "load_vgg16_features_state",
     "psnr",
     "ssim",
+    "to_host",
     "try_load_lpips",
 ]
 
@@ -565,6 +566,15 @@ class ReconstructionLoss(nn.Module):
     def forward(
         self, pred: Tensor, target: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
+        """(total loss, {term: value}) with the values on the host (one copy for all)."""
+        total, terms = self.terms(pred, target, mask)
+        return total, to_host(terms)
+
+    def terms(
+        self, pred: Tensor, target: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total loss, {term: 0-dim tensor, "total" included}), nothing copied to the host: a
+        training step copies them once, after its optimizer step."""
         _check_pair(pred, target, "loss")
         terms: dict[str, Tensor] = {}
         total = pred.new_zeros((), dtype=torch.float32)
@@ -587,9 +597,13 @@ class ReconstructionLoss(nn.Module):
             terms["dssim"] = ds
             total = total + self.dssim_weight * ds
         terms["total"] = total
-        # One device->host copy for all terms (one sync per step on CUDA, not one per term).
-        values = torch.stack([v.detach().float() for v in terms.values()]).tolist()
-        return total, dict(zip(terms.keys(), values, strict=True))
+        return total, terms
+
+
+def to_host(values: dict[str, Tensor]) -> dict[str, float]:
+    """0-dim tensors -> floats in one device->host copy (one sync on CUDA, not one each)."""
+    host = torch.stack([v.detach().float() for v in values.values()]).tolist()
+    return dict(zip(values.keys(), host, strict=True))
 
 
 def build_loss(

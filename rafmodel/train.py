@@ -48,7 +48,7 @@ from rafmodel.data import (
     to_unit,
 )
 from rafmodel.device import select_device
-from rafmodel.losses import LossConfig, build_loss, psnr
+from rafmodel.losses import LossConfig, build_loss, psnr, to_host
 from rafmodel.render import render, resolve_backend
 from rafmodel.strategy import DensifyConfig, make_strategy
 from rafmodel.targets import composite_target, render_K
@@ -266,21 +266,21 @@ class Runner:
         (self.out / "config.json").write_text(json.dumps(info, indent=2))
 
     # -- one step --------------------------------------------------------------------------
-    def _target(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,3,h,w) frames on the background colour and (B,1,h,w) masks, at render size."""
+    def _target(self, batch: dict) -> torch.Tensor:
+        """(B,3,h,w) frames on the background colour, at render size."""
         # The dataset serves all-ones masks where a store has no matte: compositing is then
         # a no-op, so one code path serves both.
         # Resized and composited where the render is: on a GPU this is ~0.1 ms, on the
         # host several ms per 512 px frame.
         dev = self.device
-        target, mask = composite_target(to_unit(batch["image"].to(dev, non_blocking=True)),
-                                        to_unit(batch["mask"].to(dev, non_blocking=True)),
-                                        (self.height, self.width), self.background)
-        return target, mask
+        target, _ = composite_target(to_unit(batch["image"].to(dev, non_blocking=True)),
+                                     to_unit(batch["mask"].to(dev, non_blocking=True)),
+                                     (self.height, self.width), self.background)
+        return target
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimisation step on a batch; returns the numbers worth logging."""
-        target, _ = self._target(batch)
+        target = self._target(batch)
         renders, preds = [], []
         for b in range(target.shape[0]):
             g = self.model(batch["exp"][b].to(self.device), batch["pose"][b].to(self.device),
@@ -294,7 +294,7 @@ class Runner:
             preds.append(out.image.permute(2, 0, 1))
         pred = torch.stack(preds)
         self.strategy.step_pre_backward(renders)
-        loss, parts = self.loss_fn(pred, target)
+        loss, terms = self.loss_fn.terms(pred, target)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,10 +304,10 @@ class Runner:
         refined = self.strategy.step_post_backward(self.step, self.model, self.optimizers,
                                                    renders)
         with torch.no_grad():
-            value = float(psnr(pred.detach().clamp(0, 1), target).mean())
+            terms["psnr"] = psnr(pred.detach().clamp(0, 1), target).mean()
         self.swaps.update(batch["swapped"])
         self._last = (pred.detach()[0], target[0])
-        return {**parts, "psnr": value, "gaussians": refined.get("n", self.model.num_gaussians)}
+        return {**to_host(terms), "gaussians": refined["n"]}
 
     def _decay_position_lr(self) -> None:
         """3D Gaussian Splatting's schedule: the position rate falls 100x, exponentially, over
