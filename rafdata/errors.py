@@ -28,3 +28,19 @@ class SourceError(RafDataError):
 
 class FrameCountError(SourceError):
     """A video holds fewer frames than its tracking refers to (tracking and video disagree)."""
+
+
+class CorruptImageError(StoreError):
+    """A stored image (or matte) whose chunk cannot be decoded or whose CRC-32 does not match.
+
+    ``row`` is the image's row in /images; training and evaluation either stop on it or, with
+    ``--skip-corrupt``, count it and go on.
+    """
+
+    def __init__(self, path: str | Path | None, row: int, problem: str):
+        self.row = int(row)
+        super().__init__(path, f"image row {row}: {problem}")
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's writer lock."""

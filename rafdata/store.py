@@ -207,7 +207,7 @@ def check_format(f: h5py.File, path: Path) -> None:
         raise StoreError(path, f"unknown format version {version}")
 
 
-def _open_h5(path: Path, mode: str) -> h5py.File:
+def open_h5(path: Path, mode: str) -> h5py.File:
     try:
         # locking=False: readers (DataLoader workers, inspect) must open a store while another
         # process holds it, and HDF5's locks fail outright on NFS.
@@ -334,7 +334,7 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------
     def _h5(self) -> h5py.File:
         if self._file is None:
-            self._file = _open_h5(self.path, "r")
+            self._file = open_h5(self.path, "r")
         return self._file
 
     def close(self) -> None:
@@ -573,15 +573,15 @@ class StoreWriter:
         self.compression = compression
         self.codec = ImageCodec(compression)  # validates the name early
         if self.path.exists():
-            probe = _open_h5(self.path, "r")
+            probe = open_h5(self.path, "r")
             try:
                 check_format(probe, self.path)
             finally:
                 probe.close()
-            self.f = _open_h5(self.path, "r+")
+            self.f = open_h5(self.path, "r+")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = _open_h5(self.path, "w-")
+            self.f = open_h5(self.path, "w-")
             self._create_schema()
         self._recover()
         im = self.f["images"]
