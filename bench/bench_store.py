@@ -32,7 +32,8 @@ def _frames(quick: bool) -> tuple[np.ndarray, np.ndarray]:
 def _codec_rows(rgb: np.ndarray, mask: np.ndarray, order: np.ndarray) -> dict[str, list]:
     """Write all images (colour + matte) through StoreWriter with each codec, then read them
     back at random: colour alone, and colour + matte (a training sample)."""
-    from rafdata.store import COMPRESSIONS, Store, StoreWriter
+    from rafdata.store import COMPRESSIONS, Store
+    from rafdata.writer import StoreWriter
 
     n = len(rgb)
     writes = {}

@@ -11,15 +11,30 @@ Two layers:
   :func:`search_excluding` (HNSW with identity exclusion), :func:`exact_search` (blocked brute
   force, same exclusion), :func:`recall`, :func:`serialize_index` / :func:`deserialize_index`.
 - **Store layer**: :func:`build_bank` samples members from ``/timesteps``, builds, queries every
-  timestep, measures recall against exact search and replaces ``/banks/{name}`` atomically;
+  timestep, measures recall against exact search and commits ``/banks/{name}`` by rewriting
+  the store's main file (:func:`rafdata.commit.rewrite_main`): a fresh copy with the new bank
+  is renamed over the store, so a kill or a full disk leaves the old store byte for byte.
   :class:`Bank` loads a bank back for new queries.
+- **Checked reading**: this module owns ``/banks``. :func:`bank_names`, :func:`read_bank`,
+  :func:`neighbor_table` (for the trainer, coverage and plots) and :func:`bank_problems` (for
+  ``inspect --verify``) all go through one checker, so a damaged or inconsistent bank is
+  refused in one line (StoreError) everywhere, never with a traceback.
 
 Store layout written (docs/store.md, "Banks")::
 
-    /banks/{name}/members          (B,) int64 rows of /timesteps
-    /banks/{name}/hnsw             (bytes,) uint8: hnswlib's save_index file (absent if exact)
+    /banks/{name}/members          (B,) int64 rows of /timesteps, ascending, none held out
+    /banks/{name}/hnsw             (bytes,) uint8: hnswlib's save_index file (absent if exact);
+                                   the group's attr ``hnsw_crc32`` is its CRC-32
     /banks/{name}/neighbors/index  (T, K) int64 rows of /timesteps, never the same identity
     /banks/{name}/neighbors/dist   (T, K) float32 Euclidean (not squared), ascending
+
+Every dataset is chunked with Fletcher32, so HDF5 checks each chunk as it is read; the
+hnsw blob's CRC-32 is checked before hnswlib sees the bytes (hnswlib trusts its input and can
+crash on a damaged one). The tables are never padded: a build refuses k larger than the
+members of other identities some timestep can have, so every entry is a valid row and a
+negative index is damage. Groups named ``.tmp-*`` under ``/banks`` are leftovers of builds by
+older versions (which wrote there in place): they are never opened, so a half-written one
+cannot break readers, and the next build drops them.
 
 Identity exclusion (see the hnswlib field notes in DESIGN.md): a Python ``filter`` callback is
 ~15x slower, so we query ``k + margin`` unfiltered, drop same-identity hits, re-query only the
@@ -35,9 +50,12 @@ not reproducible). Queries may use several threads: each query is independent of
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,18 +64,23 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import hdf5plugin  # noqa: F401  (the store's image filters must be registered in every process)
 import numpy as np
-import torch
 
+from rafdata.commit import rewrite_main
 from rafdata.errors import StoreError
+from rafdata.lock import WriterLock
 from rafdata.progress import NullProgress, Progress
 from rafdata.resources import cores_available
-from rafdata.store import Store, check_format, identity_matches
+from rafdata.store import Store, identity_matches
 
-if TYPE_CHECKING:  # hnswlib is imported where an index is made: readers of tables need none
-    import hnswlib
+if TYPE_CHECKING:  # hnswlib and torch are imported where they are used: `rafdata --help`,
+    import hnswlib  # the trainer's table reader and inspect need neither
 
 BANKS_GROUP = "banks"
-TMP_PREFIX = ".tmp-"  # groups of an unfinished build; readers ignore them, builds remove them
+HNSW_CRC_ATTR = "hnsw_crc32"  # attr of /banks/{name}: zlib.crc32 of the hnsw bytes
+# Groups of unfinished builds by older versions (which wrote /banks/.tmp-NAME in place, then
+# moved it). Readers never open them (a killed writer can leave one whose object header is
+# garbage: even deleting its link fails) and build_bank leaves them out of the rewritten file.
+LEFTOVER_PREFIX = ".tmp-"
 METRIC = "l2"
 
 # Rows handled per hnswlib call: large enough to keep both threads busy, small enough for a
@@ -402,6 +425,8 @@ def exact_search(
 
     Raises ValueError when a query has fewer than k members of other identities.
     """
+    import torch
+
     progress = progress or NullProgress()
     xb = np.ascontiguousarray(bank_vectors, np.float32)
     queries = _check_queries(queries, xb.shape[1])
@@ -476,7 +501,388 @@ def recall(approx: SearchResult, exact: SearchResult, rtol: float = 1e-5) -> tup
 
 
 # ---------------------------------------------------------------------------------------------
-# Store layer
+# Store layer: bank names and checked reading (the only code that reads /banks)
+
+
+def is_leftover(name: str) -> bool:
+    """True for ``/banks`` entries left by unfinished builds of older versions (``.tmp-*``)."""
+    return name.startswith(LEFTOVER_PREFIX)
+
+
+def _link_names(f: h5py.File, path: Path) -> list[str]:
+    """Every link name under /banks. Only the names are read: no bank object is opened."""
+    if BANKS_GROUP not in f:
+        return []
+    try:
+        return list(f[BANKS_GROUP])
+    except (KeyError, OSError, RuntimeError) as err:
+        raise StoreError(path, f"/{BANKS_GROUP} cannot be read ({_one_line(err)})") from None
+
+
+def leftover_paths(f: h5py.File) -> tuple[str, ...]:
+    """``banks/.tmp-*`` paths of an open main file, for ``exclude`` of
+    :func:`rafdata.commit.rewrite_main` (copying a half-written leftover can fail)."""
+    return tuple(f"{BANKS_GROUP}/{n}" for n in _link_names(f, Path(f.filename))
+                 if is_leftover(n))
+
+
+@contextmanager
+def _opened(store: str | Path | Store) -> Iterator[Store]:
+    """The store itself, or a Store of the path closed on exit (a later writer in this
+    process needs every read handle closed)."""
+    if isinstance(store, Store):
+        yield store
+        return
+    st = Store(store)
+    try:
+        yield st
+    finally:
+        st.close()
+
+
+def bank_names(store: str | Path | Store) -> list[str]:
+    """Names of the banks in a store, sorted (leftover ``.tmp-*`` groups are skipped)."""
+    with _opened(store) as st:
+        return sorted(n for n in _link_names(st.h5(), st.path) if not is_leftover(n))
+
+
+def _no_bank(name: str, names: list[str]) -> str:
+    how = "" if name == BankConfig.name else f" --name {name}"
+    return (f"no bank named {name!r} (banks: {', '.join(names) or 'none'}); build it with "
+            f"`rafdata build-bank{how}`")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _rebuild_hint(name: str) -> str:
+    how = "" if name == BankConfig.name else f" --name {name}"
+    return f"rebuild it with `rafdata build-bank{how} --force`"
+
+
+@dataclass
+class BankTables:
+    """One bank as read from a store, checked against the store contract.
+
+    members: (B,) int64 rows of /timesteps. index: (T, K) int64 neighbour rows of every
+    timestep. dist: (T, K) float32 Euclidean distances, ascending. attrs / nb_attrs: the
+    attributes of ``/banks/{name}`` and ``/banks/{name}/neighbors``. hnsw: the serialized
+    index (CRC-checked) when it was asked for and the bank has one, else None.
+    """
+
+    name: str
+    members: np.ndarray
+    index: np.ndarray
+    dist: np.ndarray
+    attrs: dict[str, Any]
+    nb_attrs: dict[str, Any]
+    hnsw: np.ndarray | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.index.shape[1])
+
+    @property
+    def built_with_hnsw(self) -> bool:
+        return built_with_hnsw(self.attrs)
+
+
+def built_with_hnsw(attrs: dict[str, Any]) -> bool:
+    """Whether a bank's attrs say it was built with HNSW, so that it must hold ``hnsw``.
+    Banks without the ``exact`` attr (written by other tools) may or may not have one."""
+    return "exact" in attrs and not bool(attrs["exact"])
+
+
+def _attrs(obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in obj.attrs.items()}
+
+
+# hnswlib's save_index header (hnswalg.h, saveIndex): offsetLevel0, max_elements,
+# cur_element_count, size_data_per_element, label_offset, offsetData, maxlevel (int),
+# enterpoint_node (uint32), maxM, maxM0, M, mult (double), ef_construction.
+_HNSW_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+
+
+def _hnsw_header_problem(blob: np.ndarray, n_members: int | None, dim: int) -> str | None:
+    """Why a serialized index cannot be this bank's (None when its header fits).
+
+    Checked before hnswlib sees the bytes, also for banks without a CRC: hnswlib trusts the
+    header's sizes and offsets, so a damaged one can crash the process.
+    """
+    if len(blob) < _HNSW_HEADER.size:
+        return f"{len(blob)} bytes, shorter than an hnswlib index header"
+    (off0, max_el, count, per_el, label_off, data_off, max_level, entry, _max_m, max_m0, _m,
+     _mult, _efc) = _HNSW_HEADER.unpack_from(blob.tobytes()[: _HNSW_HEADER.size])
+    if n_members is not None and count != n_members:
+        return f"holds {count} vectors but the bank has {n_members} members"
+    links0 = max_m0 * 4 + 4
+    consistent = (
+        off0 == 0 and count <= max_el and data_off == links0 and label_off == links0 + 4 * dim
+        and per_el == links0 + 4 * dim + 8 and 0 <= max_level < 64
+        and (count == 0 or entry < count)
+        and len(blob) >= _HNSW_HEADER.size + count * per_el + 4 * count
+    )
+    if not consistent:
+        return f"the index header does not describe {count} vectors of {dim} dims (damaged)"
+    return None
+
+
+class _Stop(Exception):
+    """Ends a fail-fast check at its first problem."""
+
+
+class _BankCheck:
+    """Reads one bank and collects what breaks the contract, one line per problem.
+
+    Each line names the dataset (``/banks/{name}/...``) and the problem. ``fail_fast`` stops at
+    the first (readers); otherwise every problem is listed (``inspect --verify``).
+    """
+
+    def __init__(self, st: Store, name: str, fail_fast: bool):
+        self.st = st
+        self.name = name
+        self.where = f"/{BANKS_GROUP}/{name}"
+        self.fail_fast = fail_fast
+        self.problems: list[str] = []
+
+    def fail(self, sub: str, problem: str) -> None:
+        self.problems.append(f"{self.where}{sub}: {problem}")
+        if self.fail_fast:
+            raise _Stop
+
+    def has(self, g: h5py.Group, key: str) -> bool:
+        try:
+            return key in g
+        except (KeyError, OSError, RuntimeError):
+            return False
+
+    def read(self, g: h5py.Group, key: str) -> np.ndarray | None:
+        """A whole dataset; Fletcher32 and decompression failures become one problem."""
+        if not self.has(g, key):
+            self.fail(f"/{key}", "missing")
+            return None
+        try:
+            ds = g[key]
+            if not isinstance(ds, h5py.Dataset):
+                self.fail(f"/{key}", "not a dataset")
+                return None
+            return ds[()]
+        except (KeyError, OSError, RuntimeError) as err:
+            # h5py raises OSError when a chunk's Fletcher32 checksum or decompression fails.
+            self.fail(f"/{key}", f"unreadable or checksum mismatch ({_one_line(err)})")
+            return None
+
+    def run(self, hnsw: str, deep: bool) -> BankTables | None:
+        st = self.st
+        try:
+            g = st.h5()[BANKS_GROUP][self.name]
+            if not isinstance(g, h5py.Group):
+                raise TypeError("not a group")
+            attrs = _attrs(g)
+        except (KeyError, OSError, RuntimeError, TypeError) as err:
+            self.fail("", f"cannot be opened ({_one_line(err)})")
+            return None
+        ts = st.timesteps
+        n_t = len(ts)
+        held = (np.asarray(st.sequences.held_out, bool)[ts.sequence] if n_t
+                else np.zeros(0, bool))
+        raw_members = self.read(g, "members")
+        members = None if raw_members is None else self.check_members(raw_members, n_t, held)
+        index = self.read(g, "neighbors/index")
+        dist = self.read(g, "neighbors/dist")
+        nb_attrs: dict[str, Any] = {}
+        if self.has(g, "neighbors"):
+            try:
+                nb_attrs = _attrs(g["neighbors"])
+            except (KeyError, OSError, RuntimeError) as err:
+                self.fail("/neighbors", f"cannot be opened ({_one_line(err)})")
+        if index is not None and dist is not None:
+            self.check_tables(index, dist, members, held, nb_attrs, deep)
+        blob = self.check_hnsw(g, attrs, members, hnsw)
+        if self.problems or members is None or index is None or dist is None:
+            return None
+        return BankTables(self.name, members, index.astype(np.int64), dist.astype(np.float32),
+                          attrs, nb_attrs, blob)
+
+    def check_members(self, m: np.ndarray, n_t: int, held: np.ndarray) -> np.ndarray | None:
+        if m.ndim != 1 or m.dtype.kind not in "iu" or len(m) == 0:
+            self.fail("/members", f"shape {m.shape} of {m.dtype}; expected (B,) integer "
+                                  "timestep rows, B >= 1")
+            return None
+        m = m.astype(np.int64)
+        bad = (m < 0) | (m >= n_t)
+        if bad.any():
+            self.fail("/members", f"{int(bad.sum())} rows outside the store's {n_t} timesteps "
+                                  f"(first: {int(m[bad][0])})")
+            return None
+        if held[m].any():
+            self.fail("/members", f"{int(held[m].sum())} held-out timesteps in the bank (first: "
+                                  f"{int(m[held[m]][0])}); held-out sequences are test drivers")
+        if len(np.unique(m)) != len(m):
+            self.fail("/members", "a timestep is listed twice")
+        return m
+
+    def check_tables(self, index: np.ndarray, dist: np.ndarray, members: np.ndarray | None,
+                     held: np.ndarray, nb_attrs: dict[str, Any], deep: bool) -> None:
+        ts = self.st.timesteps
+        n_t = len(ts)
+        if (index.ndim != 2 or index.shape[0] != n_t or index.shape[1] < 1
+                or index.dtype.kind not in "iu"):
+            self.fail("/neighbors/index", f"shape {index.shape} of {index.dtype}; expected "
+                                          f"({n_t}, K) integer rows for the store's timesteps")
+            return
+        if dist.shape != index.shape or dist.dtype.kind != "f":
+            self.fail("/neighbors/dist", f"shape {dist.shape} of {dist.dtype} does not match "
+                                         f"the index table {index.shape}")
+            return
+        k_attr = nb_attrs.get("k")
+        if k_attr is not None and int(k_attr) != index.shape[1]:
+            self.fail("/neighbors", f"attr k={int(k_attr)} but the tables have "
+                                    f"{index.shape[1]} columns")
+
+        def first_row(mask: np.ndarray) -> int:
+            return int(np.flatnonzero(mask.any(axis=1))[0])
+
+        idx = index.astype(np.int64)
+        neg = idx < 0
+        if neg.any():
+            # build_bank never pads (it refuses a k that some timestep cannot fill), so a
+            # negative entry is damage, not a marker of a short row.
+            self.fail("/neighbors/index", f"{int(neg.sum())} negative entries (first at "
+                                          f"timestep {first_row(neg)}); tables are never "
+                                          "padded")
+        high = idx >= n_t
+        if high.any():
+            self.fail("/neighbors/index", f"{int(high.sum())} entries beyond the store's {n_t} "
+                                          f"timesteps (first at timestep {first_row(high)})")
+        ok = ~(neg | high)
+        safe = np.where(ok, idx, 0)
+        leak = ok & held[safe]
+        if leak.any():
+            self.fail("/neighbors/index", f"{int(leak.sum())} neighbours are held-out "
+                                          f"timesteps, a test-set leak (first at timestep "
+                                          f"{first_row(leak)})")
+        if members is not None:
+            stray = ok & ~leak & ~np.isin(safe, members)
+            if stray.any():
+                self.fail("/neighbors/index", f"{int(stray.sum())} neighbours are not bank "
+                                              f"members (first at timestep {first_row(stray)})")
+        same = ok & (ts.identity[safe] == ts.identity[:, None])
+        if same.any():
+            self.fail("/neighbors/index", f"a neighbour of the same identity (timestep "
+                                          f"{first_row(same)})")
+        d = dist.astype(np.float64)
+        broken = ~np.isfinite(d) | (d < 0)
+        if broken.any():
+            self.fail("/neighbors/dist", f"{int(broken.sum())} entries negative, NaN or "
+                                         f"infinite (first at timestep {first_row(broken)})")
+        elif index.shape[1] > 1 and (np.diff(d, axis=1) < -1e-6).any():
+            self.fail("/neighbors/dist", f"not ascending (first at timestep "
+                                         f"{first_row(np.diff(d, axis=1) < -1e-6)})")
+        if deep and not broken.any():
+            self.check_distances(safe, ok, d)
+
+    def check_distances(self, safe: np.ndarray, ok: np.ndarray, d: np.ndarray) -> None:
+        """The stored distances are those of the expression vectors (in row blocks)."""
+        exp = self.st.timesteps.exp
+        n_t, k = safe.shape
+        step = max(1, (1 << 22) // max(1, k * exp.shape[1]))
+        wrong = 0
+        first = -1
+        for a in range(0, n_t, step):
+            b = min(n_t, a + step)
+            diff = exp[safe[a:b]].astype(np.float64) - exp[a:b, None].astype(np.float64)
+            true = np.sqrt(np.einsum("tkd,tkd->tk", diff, diff))
+            bad = ok[a:b] & ~(np.abs(true - d[a:b]) <= 1e-3 * true + 1e-4)
+            if bad.any():
+                wrong += int(bad.sum())
+                if first < 0:
+                    first = a + int(np.flatnonzero(bad.any(axis=1))[0])
+        if wrong:
+            self.fail("/neighbors/dist", f"{wrong} distances differ from those of the expression "
+                                         f"vectors (first at timestep {first})")
+
+    def check_hnsw(self, g: h5py.Group, attrs: dict[str, Any], members: np.ndarray | None,
+                   mode: str) -> np.ndarray | None:
+        """``mode``: "presence" (only that it exists where the attrs say HNSW) or "read"
+        (its bytes, CRC-32 and header too)."""
+        if not self.has(g, "hnsw"):
+            if built_with_hnsw(attrs):
+                self.fail("/hnsw", "missing, but the bank was built with HNSW (attr exact is "
+                                   "false)")
+            return None
+        if mode != "read":
+            return None
+        blob = self.read(g, "hnsw")
+        if blob is None:
+            return None
+        if blob.ndim != 1 or blob.dtype != np.uint8:
+            self.fail("/hnsw", f"shape {blob.shape} of {blob.dtype}; expected (bytes,) uint8")
+            return None
+        want = attrs.get(HNSW_CRC_ATTR)
+        if want is not None:
+            got = zlib.crc32(np.ascontiguousarray(blob))
+            if got != int(want):
+                self.fail("/hnsw", f"CRC-32 {got:08x} differs from the stored {int(want):08x}: "
+                                   "the index bytes are damaged")
+                return None
+        problem = _hnsw_header_problem(blob, None if members is None else len(members),
+                                       int(self.st.timesteps.exp.shape[1]))
+        if problem:
+            self.fail("/hnsw", problem)
+            return None
+        return blob
+
+
+def _check(st: Store, name: str, *, hnsw: str, deep: bool,
+           fail_fast: bool) -> tuple[BankTables | None, list[str]]:
+    check = _BankCheck(st, name, fail_fast)
+    try:
+        tables = check.run(hnsw, deep)
+    except _Stop:
+        tables = None
+    return tables, check.problems
+
+
+def read_bank(store: str | Path | Store, name: str = "full", *, hnsw: bool = False
+              ) -> BankTables:
+    """Bank ``name`` of a store with its tables, checked; StoreError (one line) otherwise.
+
+    Refused: a missing bank, a missing or unreadable dataset (Fletcher32 mismatch included),
+    members out of range, held out or listed twice, neighbour tables whose shape does not
+    match /timesteps, negative or out-of-range entries, held-out neighbours (a test-set leak),
+    neighbours outside the bank or of the query's own identity, distances not finite or not
+    ascending, and a bank built with HNSW that lost its index. ``hnsw``: also read the index
+    bytes and check their CRC-32 and header (:class:`Bank` does, before hnswlib loads them).
+    """
+    with _opened(store) as st:
+        names = bank_names(st)
+        if name not in names:
+            raise StoreError(st.path, _no_bank(name, names))
+        tables, problems = _check(st, name, hnsw="read" if hnsw else "presence", deep=False,
+                                  fail_fast=True)
+        if problems or tables is None:
+            problem = problems[0] if problems else f"/{BANKS_GROUP}/{name}: cannot be read"
+            raise StoreError(st.path, f"{problem}; {_rebuild_hint(name)}")
+        return tables
+
+
+def neighbor_table(store: str | Path | Store, bank: str = "full") -> np.ndarray:
+    """(T, K) int64 ``/banks/{bank}/neighbors/index``: for every timestep, its K nearest bank
+    members of other identities, nearest first; checked as :func:`read_bank` checks it."""
+    return read_bank(store, bank).index
+
+
+def bank_problems(store: Store, name: str) -> list[str]:
+    """Every violation of the contract by bank ``name``, one line each (``inspect
+    --verify``): :func:`read_bank`'s checks, the hnsw bytes' CRC-32, and the stored distances
+    recomputed from the expression vectors."""
+    return _check(store, name, hnsw="read", deep=True, fail_fast=False)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Store layer: building
 
 
 @dataclass
@@ -499,21 +905,9 @@ class BankReport:
     seconds: dict[str, float]
 
 
-def _as_store(store: str | Path | Store) -> Store:
-    return store if isinstance(store, Store) else Store(store)
-
-
 def _check_name(path: Path, name: str) -> None:
     if not name or "/" in name or name.startswith(".") or name != name.strip():
         raise StoreError(path, f"bad bank name {name!r}: use letters, digits, '-' or '_'")
-
-
-def bank_names(store: str | Path | Store) -> list[str]:
-    """Names of the complete banks in a store (unfinished ``.tmp-*`` groups are skipped)."""
-    f = _as_store(store).h5()
-    if BANKS_GROUP not in f:
-        return []
-    return sorted(n for n in f[BANKS_GROUP] if not n.startswith(TMP_PREFIX))
 
 
 def build_bank(
@@ -521,32 +915,44 @@ def build_bank(
     config: BankConfig | None = None,
     progress: Progress | None = None,
 ) -> BankReport:
-    """Build bank ``config.name`` of a store in place and return what was done.
+    """Build bank ``config.name`` of a store and return what was done.
 
     Members: ``config.frames_per_id`` timesteps per selected identity, never from held-out
     sequences. Neighbour tables cover *every* timestep (held-out ones included: evaluation
-    needs them). Everything is checked before the store is opened for writing, and the bank is
-    written under ``/banks/.tmp-{name}`` and moved into place, so a failure leaves the previous
-    bank (and every other bank) as it was.
+    needs them). The writer lock is held from the first read to the commit (the tables must
+    describe the timesteps they were computed from); everything is computed before anything is
+    written, and the bank is committed by rewriting the main file
+    (:func:`rafdata.commit.rewrite_main`): a failure at any point, a kill or a full disk
+    included, leaves the store as it was, byte for byte.
     """
-    st = _as_store(store)
-    try:
-        return _build_bank(st, config or BankConfig(), progress or NullProgress())
-    finally:
-        # Close every read handle, also on refusal: HDF5 will not open a file for writing in
-        # a process that still holds it read-only (a later build here would fail).
-        st.close()
+    cfg = config or BankConfig()
+    progress = progress or NullProgress()
+    if isinstance(store, Store):
+        path = store.path
+        store.close()  # its tables may predate the lock; read them again under it
+    else:
+        path = Path(store)
+        Store(path).close()  # a missing or foreign file is refused before any lock file
+    _check_name(path, cfg.name)
+    cfg.validate(path)
+    with WriterLock(path):
+        st = Store(path)
+        try:
+            return _build_bank(st, cfg, progress)
+        finally:
+            # Close every read handle, also on refusal: a later writer in this process
+            # must not find the file held.
+            st.close()
 
 
 def _build_bank(st: Store, cfg: BankConfig, progress: Progress) -> BankReport:
     path = st.path
-    _check_name(path, cfg.name)
-    cfg.validate(path)
     ts = st.timesteps
     n_t = len(ts)
     if n_t == 0 or ts.exp.ndim != 2 or ts.exp.shape[1] == 0:
         raise StoreError(path, "the store has no timesteps (run `rafdata ingest` first)")
     exists = cfg.name in bank_names(st)
+    leftovers = leftover_paths(st.h5())  # never copied into the rewritten file
     if exists and not cfg.force:
         raise StoreError(path, f"bank {cfg.name!r} already exists; pass --force to replace it")
     exp = np.ascontiguousarray(ts.exp, np.float32)
@@ -648,8 +1054,8 @@ def _build_bank(st: Store, cfg: BankConfig, progress: Progress) -> BankReport:
     st.close()  # the write below opens its own handle; never keep a read handle beside it
     group_attrs["build_seconds"] = float(sum(seconds.values()))
     progress.start("writing", 1)
-    _write_bank(path, cfg.name, members, index_bytes, members[result.pos], result.dist,
-                group_attrs, nb_attrs)
+    _write_bank(path, cfg.name, leftovers, members, index_bytes, members[result.pos],
+                result.dist, group_attrs, nb_attrs)
     progress.advance(1)
     seconds["write"] = time.perf_counter() - t0
     return BankReport(
@@ -665,6 +1071,7 @@ def _build_bank(st: Store, cfg: BankConfig, progress: Progress) -> BankReport:
 def _write_bank(
     path: Path,
     name: str,
+    leftovers: Sequence[str],
     members: np.ndarray,
     index_bytes: np.ndarray | None,
     nb_index: np.ndarray,
@@ -672,37 +1079,35 @@ def _write_bank(
     group_attrs: dict[str, Any],
     nb_attrs: dict[str, Any],
 ) -> None:
-    """Write ``/banks/.tmp-{name}``, then swap it in for ``/banks/{name}``.
+    """Commit ``/banks/{name}``: a fresh copy of the main file without the old bank (and
+    without ``leftovers``) gets the new one, then is renamed over the store.
 
-    The format check runs read-only first, so a newer store is never opened for writing. A
-    crash before the move leaves only a ``.tmp-*`` group (ignored by readers, removed by the
-    next build); the old bank is deleted only once the new one is complete and flushed.
+    Every dataset is chunked with Fletcher32; the hnsw bytes also get a CRC-32 attr (checked
+    before hnswlib loads them). A write error (full disk, file-size limit) is one StoreError
+    and the store is unchanged.
     """
-    with h5py.File(path, "r", locking=False) as probe:
-        check_format(probe, path)
-    with h5py.File(path, "r+", locking=False) as f:
-        banks = f.require_group(BANKS_GROUP)
-        for stale in [n for n in banks if n.startswith(TMP_PREFIX)]:
-            del banks[stale]
-        tmp = TMP_PREFIX + name
-        g = banks.create_group(tmp)
-        g.create_dataset("members", data=np.asarray(members, np.int64))
+    exclude = (f"{BANKS_GROUP}/{name}", *leftovers)
+    with rewrite_main(path, exclude=exclude) as f:
+        g = f.require_group(BANKS_GROUP).create_group(name)
+        members = np.asarray(members, np.int64)
+        g.create_dataset("members", data=members, chunks=(max(1, min(len(members), 1 << 16)),),
+                         fletcher32=True)
         if index_bytes is not None:
-            g.create_dataset("hnsw", data=index_bytes)
+            blob = np.ascontiguousarray(index_bytes, np.uint8)
+            g.create_dataset("hnsw", data=blob, chunks=(max(1, min(len(blob), 1 << 20)),),
+                             fletcher32=True)
+            group_attrs = {**group_attrs, HNSW_CRC_ATTR: zlib.crc32(blob)}
         nb = g.create_group("neighbors")
         t, k = nb_index.shape
         chunk_rows = max(1, min(t, 65536))
-        nb.create_dataset("index", data=np.asarray(nb_index, np.int64), chunks=(chunk_rows, k))
-        nb.create_dataset("dist", data=np.asarray(nb_dist, np.float32), chunks=(chunk_rows, k))
+        nb.create_dataset("index", data=np.asarray(nb_index, np.int64), chunks=(chunk_rows, k),
+                          fletcher32=True)
+        nb.create_dataset("dist", data=np.asarray(nb_dist, np.float32), chunks=(chunk_rows, k),
+                          fletcher32=True)
         for key, v in group_attrs.items():
             g.attrs[key] = v
         for key, v in nb_attrs.items():
             nb.attrs[key] = v
-        f.flush()
-        if name in banks:
-            del banks[name]
-        banks.move(tmp, name)
-        f.flush()
 
 
 class Bank:
@@ -739,42 +1144,31 @@ class Bank:
     @classmethod
     def load(cls, store: str | Path | Store, name: str = "full",
              threads: int | None = None) -> Bank:
-        """Read bank ``name``; StoreError when it is missing or damaged."""
-        st = _as_store(store)
-        try:
+        """Read bank ``name``; StoreError (one line) when it is missing or damaged
+        (:func:`read_bank`'s checks, the hnsw bytes' CRC-32 and header included)."""
+        with _opened(store) as st:
             return cls._load(st, name, threads)
-        finally:
-            if st is not store:
-                st.close()  # our own handle: a later writer in this process needs it closed
 
     @classmethod
     def _load(cls, st: Store, name: str, threads: int | None) -> Bank:
-        f = st.h5()
-        if name not in bank_names(st):
-            raise StoreError(st.path, f"no bank {name!r} (has: "
-                                      f"{', '.join(bank_names(st)) or 'none'}); run "
-                                      "`rafdata build-bank` first")
-        g = f[BANKS_GROUP][name]
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
-        members = g["members"][:].astype(np.int64)
-        n_t = len(st.timesteps)
-        if len(members) and (members.min() < 0 or members.max() >= n_t):
-            raise StoreError(st.path, f"/banks/{name}/members refers to missing timesteps")
+        tables = read_bank(st, name, hnsw=True)  # checked, the hnsw bytes' CRC-32 included
+        members = tables.members
         vectors = np.ascontiguousarray(st.timesteps.exp[members], np.float32)
         member_identity = st.timesteps.identity[members].astype(np.int64)
+        ef = int(tables.attrs.get("ef", BankConfig.ef))
         index = None
-        if "hnsw" in g:
+        if tables.hnsw is not None:
             try:
-                index = deserialize_index(g["hnsw"][:], vectors.shape[1], len(members),
-                                          int(attrs.get("ef", BankConfig.ef)))
+                index = deserialize_index(tables.hnsw, vectors.shape[1], len(members), ef)
             except RuntimeError as err:
-                raise StoreError(st.path, f"/banks/{name}/hnsw cannot be loaded: {err}") from None
+                raise StoreError(st.path, f"/{BANKS_GROUP}/{name}/hnsw cannot be loaded "
+                                          f"({_one_line(err)}); {_rebuild_hint(name)}") from None
             if index.get_current_count() != len(members):
-                raise StoreError(st.path, f"/banks/{name}/hnsw holds "
+                raise StoreError(st.path, f"/{BANKS_GROUP}/{name}/hnsw holds "
                                           f"{index.get_current_count()} vectors, members "
-                                          f"{len(members)}")
-        return cls(name, members, member_identity, vectors, list(st.identities), index, attrs,
-                   threads)
+                                          f"{len(members)}; {_rebuild_hint(name)}")
+        return cls(name, members, member_identity, vectors, list(st.identities), index,
+                   tables.attrs, threads)
 
     def _identity_rows(self, exclude: Any, n: int) -> np.ndarray | None:
         if exclude is None:

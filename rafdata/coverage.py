@@ -23,15 +23,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
-import torch
 
-from rafdata.bank import bank_names
+from rafdata.bank import neighbor_table
 from rafdata.errors import StoreError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import Store
+
+if TYPE_CHECKING:  # torch is imported by the functions that compute: `rafdata --help` and
+    import torch  # the store readers must not pay for it
 
 _BLOCK_ELEMS = 1 << 23  # pairwise entries per block (8M float32 = 32 MB per temporary)
 _MEDIAN_SAMPLE = 2000  # points of the pooled sample used by the median heuristic
@@ -41,8 +43,10 @@ METRICS = ("mmd", "kl", "b2t")
 # Blocked pairwise helpers (torch on CPU)
 
 
-def _as_tensor(a: np.ndarray | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(a), dtype=dtype)
+def _as_tensor(a: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    import torch
+
+    return torch.as_tensor(np.asarray(a), dtype=torch.float32 if dtype is None else dtype)
 
 
 def _check_2d(name: str, a: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -64,6 +68,8 @@ def _row_blocks(n_rows: int, n_cols: int):
 
 def _sqdist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
     """(len(a), len(b)) squared Euclidean distances, clamped at 0 (one fused matmul)."""
+    import torch
+
     d = torch.addmm(b_sq[None, :], a, b.T, alpha=-2.0)
     d.add_((a * a).sum(1, keepdim=True))
     return d.clamp_min_(0.0)
@@ -93,6 +99,8 @@ def _kernel_sum_self(a: torch.Tensor, gamma: float) -> float:
 
 def _logsumexp_rows(a: torch.Tensor, b: torch.Tensor, gamma: float) -> torch.Tensor:
     """(len(a),) float64: log sum_j exp(-gamma ||a_i - b_j||^2), max-shifted per row."""
+    import torch
+
     b_sq = (b * b).sum(1)
     out = torch.empty(len(a), dtype=torch.float64)
     for s, e in _row_blocks(len(a), len(b)):
@@ -105,6 +113,8 @@ def _logsumexp_rows(a: torch.Tensor, b: torch.Tensor, gamma: float) -> torch.Ten
 
 def _nearest(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(len(a),) int64: index of the nearest row of b for every row of a."""
+    import torch
+
     b_sq = (b * b).sum(1)
     out = torch.empty(len(a), dtype=torch.int64)
     for s, e in _row_blocks(len(a), len(b)):
@@ -125,6 +135,8 @@ def median_heuristic(x: np.ndarray, y: np.ndarray | None = None,
     on the order of the rows (nor on which set a point came from). Returns 1.0 if every
     distance is 0 (all points equal), so a kernel width always exists.
     """
+    import torch
+
     pooled = np.asarray(x, np.float64) if y is None else np.concatenate(
         [np.asarray(x, np.float64), np.asarray(y, np.float64)])
     if len(pooled) > max_points:
@@ -341,25 +353,10 @@ class _Target:
         return self._kyy
 
 
-def neighbor_table(store: Store, bank: str) -> h5py.Dataset:
-    """/banks/{bank}/neighbors/index, (T, K) int, checked to exist and match /timesteps
-    (not read: callers take the columns they need)."""
-    f = store.h5()
-    key = f"banks/{bank}/neighbors/index"
-    if bank not in bank_names(store) or key not in f:
-        raise StoreError(store.path, f"no bank {bank!r} with a neighbour table (has: "
-                                     f"{', '.join(bank_names(store)) or 'none'}); run "
-                                     "`rafdata build-bank` first")
-    ds = f[key]
-    if ds.ndim != 2 or ds.shape[0] != len(store.timesteps) or ds.shape[1] < 1:
-        raise StoreError(store.path, f"/{key} has shape {ds.shape} but the store has "
-                                     f"{len(store.timesteps)} timesteps; rebuild the bank")
-    return ds
-
-
 def _top1(store: Store, bank: str) -> np.ndarray:
-    """(T,) int64: each timestep's nearest bank member of another identity."""
-    return np.asarray(neighbor_table(store, bank)[:, 0], np.int64)
+    """(T,) int64: each timestep's nearest bank member of another identity (the table is
+    checked by rafdata.bank: in range, never held out, never the same identity)."""
+    return np.ascontiguousarray(neighbor_table(store, bank)[:, 0])
 
 
 def _driver_rows(store: Store, cfg: CoverageConfig) -> np.ndarray:
@@ -448,13 +445,6 @@ def _subject(store: Store, subject: str, cfg: CoverageConfig, nb_top1: np.ndarra
     sample = rng.permutation(train_rows)[:n]
     keep, swap = sample[: n // 2], sample[n // 2:]
     nb = nb_top1[swap]
-    bad = (nb < 0) | (nb >= len(store.timesteps))
-    if bad.any():
-        raise StoreError(store.path, f"/banks/{cfg.bank}/neighbors/index has no valid top-1 "
-                                     f"neighbour for {int(bad.sum())} timesteps of {name}")
-    if (store.timesteps.identity[nb] == ident).any():
-        raise StoreError(store.path, f"/banks/{cfg.bank}/neighbors/index gives {name} "
-                                     "neighbours of its own identity; rebuild the bank")
     exp = store.timesteps.exp
     vanilla = np.asarray(exp[sample], np.float64)
     raf = np.asarray(exp[np.concatenate([keep, nb])], np.float64)

@@ -134,6 +134,57 @@ def color_correct(rgb: np.ndarray, ccm: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(rgb.shape)
 
 
+CALIBRATION_TOLERANCE = 1e-3  # max |R^T R - I| entry of a stored camera rotation (float32 round-off)
+
+
+def check_calibration(K: np.ndarray, world_to_cam: np.ndarray) -> str | None:
+    """What is wrong with one camera's calibration, as a short phrase, or None if it is usable.
+
+    K: (3, 3) intrinsics in pixels; world_to_cam: (4, 4) rigid transform, OpenCV axes. A usable
+    camera has a finite, invertible K with positive focal lengths (K[0, 0], K[1, 1] > 0) and
+    last row [0, 0, 1], and a finite world_to_cam whose 3x3 part is a rotation (orthonormal
+    within :data:`CALIBRATION_TOLERANCE`, det +1) and whose last row is [0, 0, 0, 1].
+    An all-zero or singular matrix passes every shape check but makes training divide by
+    zero or fit garbage, so every reader of calibration asks this one function.
+    """
+    K = np.asarray(K)
+    w2c = np.asarray(world_to_cam)
+    if K.shape != (3, 3):
+        return f"intrinsics have shape {K.shape}, expected (3, 3)"
+    if w2c.shape != (4, 4):
+        return f"world_to_cam has shape {w2c.shape}, expected (4, 4)"
+    with np.errstate(all="ignore"):  # a float128 beyond float64 becomes inf: that is the check
+        K = K.astype(np.float64)
+        w2c = w2c.astype(np.float64)
+    if not np.all(np.isfinite(K)):
+        return "intrinsics hold NaN or inf values"
+    fx, fy = K[0, 0], K[1, 1]
+    if not (fx > 0 and fy > 0):
+        return f"intrinsics have focal lengths fx={fx:g}, fy={fy:g}; both must be positive"
+    if np.abs(K[2] - [0.0, 0.0, 1.0]).max() > 1e-6:
+        return f"intrinsics have last row {_row(K[2])}, expected [0, 0, 1]"
+    # Relative test: a K whose rows are (nearly) dependent cannot be inverted to cast rays.
+    if 1.0 / np.linalg.cond(K) < 1e-12:
+        return "intrinsics are singular (not invertible)"
+    if not np.all(np.isfinite(w2c)):
+        return "world_to_cam holds NaN or inf values"
+    if np.abs(w2c[3] - [0.0, 0.0, 0.0, 1.0]).max() > 1e-6:
+        return f"world_to_cam has last row {_row(w2c[3])}, expected [0, 0, 0, 1]"
+    R = w2c[:3, :3]
+    err = float(np.abs(R.T @ R - np.eye(3)).max())
+    if err > CALIBRATION_TOLERANCE:
+        return (f"world_to_cam rotation is not orthonormal (max |R^T R - I| = {err:.3g}, "
+                f"tolerance {CALIBRATION_TOLERANCE:g})")
+    det = float(np.linalg.det(R))
+    if det < 0:
+        return f"world_to_cam rotation has det {det:.3g}, expected +1 (a mirror, not a rotation)"
+    return None
+
+
+def _row(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
 def project(points: np.ndarray, K: np.ndarray, world_to_cam: np.ndarray) -> np.ndarray:
     """Pixel coordinates (N, 2) (col, row) of world points (N, 3) with a (3, 3) K and a (4, 4)
     world_to_cam, OpenCV pixel centres."""

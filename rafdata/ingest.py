@@ -33,7 +33,8 @@ from rafdata.progress import NullProgress, Progress
 from rafdata.resources import cores_available
 from rafdata.sources import open_source
 from rafdata.sources.base import CameraCalib, SequenceSource, SourceOptions, Tracking
-from rafdata.store import DEFAULT_COMPRESSION, ImageCodec, StoreWriter, identity_matches
+from rafdata.store import DEFAULT_COMPRESSION, ImageCodec, identity_matches
+from rafdata.writer import StoreWriter
 
 QUEUE_DEPTH = 4  # encoded frames buffered per decoding thread ahead of the writer
 
@@ -118,6 +119,7 @@ class _Pending:
     tracking: Tracking
     frames_mask: np.ndarray  # which tracked rows are kept (temporal subsampling)
     cameras: list[CameraCalib]
+    order: int = 0  # position in the source's listing: segments merge in this order
 
     @property
     def label(self) -> str:
@@ -157,11 +159,11 @@ def ingest(
                           f"it (--compression {cfg.compression} applies to new stores only)")
             cfg = replace(cfg, compression=writer.compression)  # the history says what was used
         todo = []
-        for s in sequences:
+        for order, s in enumerate(sequences):
             if writer.has_sequence(s.participant, s.name):
                 report.skipped.append(f"{s.participant}/{s.name}")
             else:
-                todo.append(s)
+                todo.append((order, s))
         pending = _read_tracking(todo, writer, cfg, progress)
         _record_provenance(writer, src, cfg)
         n_images = sum(int(p.frames_mask.sum()) * len(p.cameras) for p in pending)
@@ -171,19 +173,24 @@ def ingest(
             decoders.order([p for p in pending if p.cameras])
             for batch in _commit_units(pending):
                 # Sequences without images are tiny: commit them in groups, not one by one.
-                with writer.group() if len(batch) > 1 else nullcontext():
+                with writer.group(order=(batch[0].order,)) if len(batch) > 1 else nullcontext():
                     results = [(p, _write_sequence(writer, p, cfg, progress, decoders))
                                for p in batch]
                 for p, (t, n) in results:
                     report.written.append(p.label)
                     report.timesteps += t
                     report.images += n
+                if time.monotonic() - writer.last_merge > MERGE_EVERY_S:
+                    writer.commit()  # readers see progress; committed units are safe anyway
     report.warnings = list(getattr(progress, "warnings", []))
     report.seconds = time.perf_counter() - t0
     return report
 
 
 COEFFICIENT_GROUP = 64  # image-less sequences committed together
+# Units are durable once their segment is renamed; merging them into the main file only makes
+# them visible to readers, so it runs at the end and every few minutes of a long run.
+MERGE_EVERY_S = 300.0
 
 
 def _commit_units(pending: list[_Pending]) -> Iterator[list[_Pending]]:
@@ -205,7 +212,8 @@ def _commit_units(pending: list[_Pending]) -> Iterator[list[_Pending]]:
 
 
 def _read_tracking(
-    todo: Sequence[SequenceSource], writer: StoreWriter, cfg: IngestConfig, progress: Progress
+    todo: Sequence[tuple[int, SequenceSource]], writer: StoreWriter, cfg: IngestConfig,
+    progress: Progress,
 ) -> list[_Pending]:
     """Read and validate the tracking of every pending sequence before writing anything."""
     if todo:
@@ -213,7 +221,7 @@ def _read_tracking(
     pending = []
     no_video: dict[str, list[str]] = {}
     space: tuple[str, int, Path] | None = None
-    for s in todo:
+    for order, s in todo:
         tr = s.tracking()
         dim = int(tr.exp.shape[1])
         writer.check_exp_space(tr.exp_space, dim, tr.path)
@@ -229,7 +237,7 @@ def _read_tracking(
         cams = s.cameras() if cfg.wants_images(s.participant) else []
         if cfg.wants_images(s.participant) and not cams:
             no_video.setdefault(s.participant, []).append(s.name)
-        pending.append(_Pending(s, tr, keep, cams))
+        pending.append(_Pending(s, tr, keep, cams, order))
         progress.advance()
     for pid, names in no_video.items():
         progress.warn(f"participant {pid}: no camera videos in {len(names)} sequence(s) "
@@ -257,9 +265,9 @@ def _warn_missing_cameras(pending: list[_Pending], progress: Progress) -> None:
 def _record_provenance(writer: StoreWriter, src: Path, cfg: IngestConfig) -> None:
     """Keep the generator manifest of synthetic data and a history of ingest runs."""
     manifest = src / "synth.json"
-    if manifest.is_file() and "synthetic" not in writer.f.attrs:
+    if manifest.is_file() and "synthetic" not in writer.attrs:
         writer.set_attr("synthetic", manifest.read_text())
-    history = json.loads(writer.f.attrs.get("ingest_history", "[]"))
+    history = json.loads(writer.attrs.get("ingest_history", "[]"))
     entry = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     history.append({"source": str(src.resolve()), "time": time.time(), "config": entry})
     writer.set_attr("ingest_history", json.dumps(history))
@@ -275,7 +283,8 @@ def _write_sequence(
         job = decoders.job(p)  # started ahead of time while the previous sequence was written
         try:
             with writer.sequence(
-                p.seq.participant, p.seq.name, p.seq.name in cfg.held_out, p.seq.path
+                p.seq.participant, p.seq.name, p.seq.name in cfg.held_out, p.seq.path,
+                order=(p.order,),
             ) as sw:
                 rows = sw.add_timesteps(
                     tr.frames[p.frames_mask], tr.exp[p.frames_mask], tr.pose[p.frames_mask],

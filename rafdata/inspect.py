@@ -7,15 +7,16 @@ invariant of the store contract (docs/store.md); it returns the violations found
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
 from rafdata.bank import bank_names
+from rafdata.errors import CorruptImageError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import TABLES, Store
 
@@ -60,14 +61,19 @@ def summarize(store: Store) -> dict[str, Any]:
     ]
     stored = raw = 0
     for _, ds in _datasets(f):
-        s, r = _storage(ds)
-        stored += s
-        raw += r
+        if not ds.is_virtual:  # virtual images are counted in their segments below
+            s, r = _storage(ds)
+            stored, raw = stored + s, raw + r
     img_stored = img_raw = mask_stored = mask_raw = 0
-    if "rgb" in f["images"]:
-        img_stored, img_raw = _storage(f["images/rgb"])
-    if "mask" in f["images"]:
-        mask_stored, mask_raw = _storage(f["images/mask"])
+    file_bytes = store.path.stat().st_size
+    for images, path in _image_groups(store):
+        s, r = _storage(images["rgb"])
+        img_stored, img_raw = img_stored + s, img_raw + r
+        s2, r2 = _storage(images["mask"])
+        mask_stored, mask_raw = mask_stored + s2, mask_raw + r2
+        if path != store.path:
+            stored, raw = stored + s + s2, raw + r + r2
+            file_bytes += path.stat().st_size
     banks = []
     if "banks" in f:
         for name in bank_names(store):
@@ -97,13 +103,26 @@ def summarize(store: Store) -> dict[str, Any]:
         "images_with_mask": int(store.image_has_mask.sum()),
         "resolution": {"width": w, "height": h},
         "compression": _plain(f["images"].attrs.get("compression", "")),
-        "file_bytes": store.path.stat().st_size,
+        "file_bytes": file_bytes,
+        "segments": len(store.segment_paths),
         "data_bytes_raw": raw,
         "data_bytes_stored": stored,
         "image_compression_ratio": (img_raw / img_stored) if img_stored else None,
         "mask_compression_ratio": (mask_raw / mask_stored) if mask_stored else None,
         "banks": banks,
     }
+
+
+def _image_groups(store: Store) -> Iterator[tuple[h5py.Group, Path]]:
+    """(/images group, its file) where image chunks really are: each segment, or the main
+    file of a format-1 store."""
+    if not store.segment_paths:
+        if store.n_images:
+            yield store.h5()["images"], store.path
+        return
+    for path in store.segment_paths:
+        with h5py.File(path, "r", locking=False) as seg:
+            yield seg["images"], path
 
 
 def _plain(v: Any) -> Any:
@@ -151,27 +170,19 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyResult:
 
 
 def _check_images(store: Store, problems: list[str], progress: Progress) -> int:
-    """Decompress every image (and mask) chunk and compare its CRC-32 with the stored one."""
-    if not store.n_images:
-        return 0
-    im = store.h5()["images"]
-    crc, mask_crc = im["crc"][: store.n_images], im["mask_crc"][: store.n_images]
-    rgb, mask = im["rgb"], im["mask"]  # looked up once: a path lookup costs more than a chunk
+    """Decompress every image (and matte) chunk and compare its CRC-32 with the stored one."""
     bad: list[int] = []
     unreadable: list[int] = []
     read = 0
     for i in range(store.n_images):
         try:
-            ok = zlib.crc32(rgb[i]) == crc[i]
+            store.read_rgb(i)
             read += 1
             if store.image_has_mask[i]:
-                ok &= zlib.crc32(mask[i]) == mask_crc[i]
+                store.read_mask(i)
                 read += 1
-        except OSError:
-            unreadable.append(i)
-            ok = True
-        if not ok:
-            bad.append(i)
+        except CorruptImageError as err:
+            (bad if "CRC-32" in err.problem else unreadable).append(i)
         progress.advance()
     if unreadable:
         problems.append(f"/images: {len(unreadable)} images cannot be decompressed "

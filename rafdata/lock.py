@@ -48,18 +48,16 @@ class WriterLock:
         self.store = Path(store)
         self.path = lock_path(self.store)
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
-        self._taken = False
+        self._taken = 0  # how often this object holds it (nested library calls)
 
     def acquire(self) -> WriterLock:
-        if self._taken:
-            raise RuntimeError(f"{self.path} is already taken by this WriterLock")
         key = self.path.resolve()
         entry = WriterLock._held.get(key)
         if entry is None:
             WriterLock._held[key] = [self._lock(), 1]
         else:
             entry[1] += 1
-        self._taken = True
+        self._taken += 1
         return self
 
     def _lock(self) -> int | None:
@@ -89,7 +87,7 @@ class WriterLock:
     def release(self) -> None:
         if not self._taken:
             return
-        self._taken = False
+        self._taken -= 1
         key = self.path.resolve()
         entry = WriterLock._held[key]
         entry[1] -= 1

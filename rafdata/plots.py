@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from rafdata.coverage import PCA, neighbor_table  # noqa: E402
+from rafdata.bank import read_bank  # noqa: E402
+from rafdata.coverage import PCA  # noqa: E402
 from rafdata.errors import RafDataError, StoreError  # noqa: E402
 from rafdata.store import Store  # noqa: E402
 
@@ -24,11 +25,12 @@ _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 
 def _members(store: Store, bank: str) -> np.ndarray:
-    neighbor_table(store, bank)  # the bank must exist (same error as coverage)
-    members = np.asarray(store.h5()[f"banks/{bank}/members"][:], np.int64)
-    if len(members) < 2 or members.min() < 0 or members.max() >= len(store.timesteps):
-        raise StoreError(store.path, f"/banks/{bank}/members is empty or refers to missing "
-                                     "timesteps; rebuild the bank")
+    """The bank's members, checked by rafdata.bank (the same refusals as coverage and the
+    trainer: a missing or damaged bank is one StoreError)."""
+    members = read_bank(store, bank).members
+    if len(members) < 2:
+        raise StoreError(store.path, f"/banks/{bank}/members holds {len(members)} timestep; "
+                                     "a PCA needs 2")
     return members
 
 

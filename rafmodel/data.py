@@ -37,82 +37,35 @@ import math
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from rafdata.bank import bank_names
-from rafdata.errors import StoreError
+from rafdata.bank import neighbor_table
+from rafdata.errors import CorruptImageError, StoreError
 from rafdata.resources import cores_available
 from rafdata.store import Store
+from rafmodel.config import MODES, SPLITS, AugmentConfig
 
-MODES = ("raf", "vanilla", "noise")
-SPLITS = ("train", "held_out")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """How the conditioning expression vector is chosen (``rafmodel train --aug ...``).
-
-    mode: "raf" | "vanilla" | "noise". p: probability of a swap per sample (raf). topk: swap
-    partner drawn uniformly from the ``topk`` nearest neighbours (1: always the nearest).
-    noise_std: standard deviation of the Gaussian noise per dimension, in expression units
-    (noise). bank: which ``/banks/{name}`` to read neighbours from (raf). seed: base seed of
-    the per-sample random streams.
-    """
-
-    mode: str = "raf"
-    p: float = 0.5
-    topk: int = 1
-    noise_std: float = 0.08
-    bank: str = "full"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"augmentation mode must be one of {', '.join(MODES)}, "
-                             f"not {self.mode!r}")
-        if not 0.0 <= float(self.p) <= 1.0:
-            raise ValueError(f"p must be in [0, 1], not {self.p}")
-        if int(self.topk) < 1:
-            raise ValueError(f"topk must be >= 1, not {self.topk}")
-        if not np.isfinite(self.noise_std) or self.noise_std < 0:
-            raise ValueError(f"noise_std must be a finite number >= 0, not {self.noise_std}")
+# AugmentConfig and MODES live in rafmodel.config (no torch there, for the CLI); re-exported.
+__all__ = ["MODES", "SPLITS", "AugmentConfig", "BatchPacking", "CorruptSkips", "EpochSampler",
+           "ExpressionAugmenter", "InfiniteLoader", "SubjectDataset", "SwapStats",
+           "default_workers", "first_corrupt", "load_neighbors", "make_loader", "sample_rng",
+           "seed_worker", "to_unit"]
 
 
 def load_neighbors(store: Store, bank: str) -> np.ndarray:
     """The (T, K) int64 neighbour table of ``bank``, checked against the store.
 
-    Refuses (StoreError, one line) a missing bank or table, a table whose row count differs
-    from /timesteps, indices out of range, and neighbours of the query's own identity.
+    rafdata.bank owns /banks and does the checking (:func:`rafdata.bank.neighbor_table`): a
+    missing bank or dataset, a checksum mismatch, shapes that do not match /timesteps,
+    negative or out-of-range rows, held-out neighbours (a test-set leak), neighbours of the
+    query's own identity or outside the bank are refused in one line (StoreError).
     """
-    names = bank_names(store)
-    if bank not in names:
-        has = ", ".join(names) if names else "none; run `rafdata build-bank`"
-        raise StoreError(store.path, f"no bank named {bank!r} (banks: {has})")
-    group = store.h5()[f"banks/{bank}"]
-    if "neighbors/index" not in group:
-        raise StoreError(store.path, f"bank {bank!r} has no neighbour table "
-                         "(/neighbors/index); rebuild it with `rafdata build-bank`")
-    index = np.asarray(group["neighbors/index"][()], dtype=np.int64)
-    n_t = len(store.timesteps)
-    if index.ndim != 2 or index.shape[0] != n_t or index.shape[1] < 1:
-        raise StoreError(store.path, f"bank {bank!r} neighbour table has shape {index.shape}, "
-                         f"expected ({n_t}, K): rebuild it with `rafdata build-bank`")
-    if index.size and (index.min() < 0 or index.max() >= n_t):
-        raise StoreError(store.path, f"bank {bank!r} neighbour table holds rows outside "
-                         f"[0, {n_t}): rebuild it with `rafdata build-bank`")
-    ident = store.timesteps.identity
-    same = ident[index] == ident[:, None]
-    if same.any():
-        row = int(np.flatnonzero(same.any(axis=1))[0])
-        raise StoreError(store.path, f"bank {bank!r} lists a neighbour of the same identity "
-                         f"(timestep {row}); the table violates the store contract")
-    return index
+    return neighbor_table(store, bank)
 
 
 class ExpressionAugmenter:
@@ -199,14 +152,24 @@ class SubjectDataset(Dataset):
         has_mask () bool; K (3,3) float32 pixels, OpenCV pixel centres; world_to_cam (4,4)
         float32; exp (D,) float32 (augmented); exp_orig (D,) float32 (e_t); pose (6,) float32
         axis-angle + translation; scale () float32; timestep, exp_source, camera, image_index
-        () int64 (rows of /timesteps, /timesteps, /cameras, /images); swapped () bool.
+        () int64 (rows of /timesteps, /timesteps, /cameras, /images); swapped () bool;
+        corrupt () bool (see below).
 
     Indices may be ints (using the epoch of :meth:`set_epoch`) or ``(epoch, i)`` pairs as
     :class:`EpochSampler` yields them.
+
+    Damaged images. The store raises :class:`CorruptImageError` for an image whose chunk does
+    not decode or whose CRC-32 differs. By default the item raises it too. With
+    ``mark_corrupt`` the item is a *marker* instead: ``corrupt`` True, ``image_index`` the row,
+    every other field zeros of the usual shape (so it batches with good items). Loader workers
+    need this: an exception raised in a worker reaches the trainer as a RuntimeError holding a
+    traceback, not as the one-line store error. The trainer drops markers and counts them
+    (:class:`CorruptSkips`) or re-raises the error in its own process (:meth:`raise_corrupt`).
     """
 
     def __init__(self, store_path: str | Path, subject: str, augment: AugmentConfig | None = None,
-                 split: str = "train", cameras: Sequence[str] | None = None, seed: int = 0):
+                 split: str = "train", cameras: Sequence[str] | None = None, seed: int = 0,
+                 mark_corrupt: bool = False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
         self.augment_cfg = augment or AugmentConfig()
@@ -241,7 +204,9 @@ class SubjectDataset(Dataset):
         self._pid = os.getpid()
         self._stale: list[Store] = []
         self.exp_dim = store.exp_dim
+        self.pose_dim = int(store.timesteps.pose.shape[1])
         self.image_size = store.image_size  # (H, W)
+        self.mark_corrupt = bool(mark_corrupt)
 
     # -- bookkeeping -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -278,7 +243,12 @@ class SubjectDataset(Dataset):
             raise IndexError(f"sample {i} out of range ({len(self.rows)})")
         row = int(self.rows[i])
         store = self.store
-        s = store.image(row)
+        try:
+            s = store.image(row)  # pixels only through Store.read_rgb / read_mask (CRC-checked)
+        except CorruptImageError:
+            if not self.mark_corrupt:
+                raise
+            return self._corrupt_item(row)
         rng = sample_rng(self.seed, epoch, row, self.augment_cfg.seed)
         exp, swapped, src = self.augmenter(s.timestep, rng)
         image = torch.from_numpy(s.rgb).permute(2, 0, 1)
@@ -301,7 +271,39 @@ class SubjectDataset(Dataset):
             "swapped": torch.tensor(bool(swapped)),
             "camera": torch.tensor(s.camera, dtype=torch.int64),
             "image_index": torch.tensor(row, dtype=torch.int64),
+            "corrupt": torch.tensor(False),
         }
+
+    def _corrupt_item(self, row: int) -> dict[str, torch.Tensor]:
+        """The marker of a damaged image: fields shaped like a real item's, zeros."""
+        h, w = self.image_size
+        f32 = torch.float32
+        return {
+            "image": torch.zeros(3, h, w, dtype=torch.uint8),
+            "mask": torch.zeros(1, h, w, dtype=torch.uint8),
+            "has_mask": torch.tensor(False),
+            "K": torch.zeros(3, 3, dtype=f32),
+            "world_to_cam": torch.zeros(4, 4, dtype=f32),
+            "exp": torch.zeros(self.exp_dim, dtype=f32),
+            "exp_orig": torch.zeros(self.exp_dim, dtype=f32),
+            "pose": torch.zeros(self.pose_dim, dtype=f32),
+            "scale": torch.tensor(0.0, dtype=f32),
+            "timestep": torch.tensor(0, dtype=torch.int64),
+            "exp_source": torch.tensor(0, dtype=torch.int64),
+            "swapped": torch.tensor(False),
+            "camera": torch.tensor(0, dtype=torch.int64),
+            "image_index": torch.tensor(row, dtype=torch.int64),
+            "corrupt": torch.tensor(True),
+        }
+
+    def raise_corrupt(self, row: int) -> NoReturn:
+        """Raise the store's :class:`CorruptImageError` for image ``row`` in this process (a
+        loader worker could only mark it): the one-line error naming the store and the row."""
+        store = self.store
+        store.read_rgb(row)
+        store.read_mask(row)
+        raise CorruptImageError(store.path, row, "a loader worker could not read this image, "
+                                "but it reads here (a flaky disk or file system?)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +488,43 @@ class InfiniteLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._set(int(state["epoch"]), int(state["batch_in_epoch"]))
+
+
+class CorruptSkips:
+    """Samples dropped because their image is damaged (``--skip-corrupt``), counted.
+
+    ``count`` is the number of samples dropped (an image met in two epochs counts twice);
+    ``rows`` the distinct /images rows. :meth:`drop` takes a batch of a loader over a
+    ``mark_corrupt`` dataset and returns it without the markers (None when nothing is left).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.rows: set[int] = set()
+
+    def drop(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        bad = batch["corrupt"].reshape(-1).bool()
+        if not bool(bad.any()):
+            return batch
+        self.count += int(bad.sum())
+        self.rows.update(int(r) for r in batch["image_index"][bad])
+        keep = ~bad
+        if not bool(keep.any()):
+            return None
+        return {k: v[keep] for k, v in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "rows": sorted(self.rows)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state.get("count", 0))
+        self.rows = {int(r) for r in state.get("rows", [])}
+
+
+def first_corrupt(batch: dict[str, torch.Tensor]) -> int | None:
+    """The /images row of the first damaged-image marker of a batch, or None."""
+    bad = batch["corrupt"].reshape(-1).bool()
+    return int(batch["image_index"][bad][0]) if bool(bad.any()) else None
 
 
 class SwapStats:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from rafdata.errors import RafDataError
+from rafmodel.config import DEVICES
 from rafmodel.render import gsplat_available, resolve_backend
 
 
@@ -27,9 +28,6 @@ class DeviceInfo:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-DEVICES = ("auto", "cuda", "cpu")
 
 
 def select_device(preference: str = "auto") -> torch.device:

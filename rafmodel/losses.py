@@ -32,12 +32,13 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rafmodel.config import LossConfig
 
 __all__ = [
     "LPIPS",
@@ -516,24 +517,6 @@ def try_load_lpips(
 # --------------------------------------------------------------------------------------------
 # Training loss
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LossConfig:
-    """Weights and weight files of the reconstruction loss.
-
-    l1: weight of the mean absolute error. lpips: weight of LPIPS-VGG when the VGG16 trunk is
-    found (the paper: 0.1); 0 disables it without looking for weights. dssim: weight of
-    D-SSIM, used instead of LPIPS when the trunk is missing (or when lpips is 0).
-    vgg_weights / lpips_weights: explicit files (``--vgg-weights``); None -> the torchvision
-    cache / an installed package's heads.
-    """
-
-    l1: float = 1.0
-    lpips: float = 0.1
-    dssim: float = 0.2
-    vgg_weights: str | None = None
-    lpips_weights: str | None = None
 
 
 class ReconstructionLoss(nn.Module):

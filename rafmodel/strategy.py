@@ -1,7 +1,7 @@
 """Densification and pruning of the avatar's Gaussians (3DGS's adaptive density control).
 
-Two strategies with one interface (``step_pre_backward``, ``step_post_backward``,
-``state_dict``, ``load_state_dict``); :func:`make_strategy` picks one:
+Two strategies with one interface, the :class:`Strategy` protocol (``step_pre_backward``,
+``step_post_backward``, ``state_dict``, ``load_state_dict``); :func:`make_strategy` picks one:
 
 - :class:`GsplatStrategy`: gsplat's own ``DefaultStrategy`` driven on our model (the default
   on CUDA when gsplat is installed);
@@ -44,56 +44,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from rafmodel.config import STRATEGIES, DensifyConfig
 from rafmodel.rotations import quat_to_matrix
 
 
-@dataclass
-class DensifyConfig:
-    """When and how to grow and prune (defaults: 3DGS/gsplat ``DefaultStrategy``).
+@runtime_checkable
+class Strategy(Protocol):
+    """What the trainer asks of a densification strategy (as gsplat's ``strategy/base.py``
+    ``Strategy`` does for gsplat's), in the trainer's terms: render outputs of our renderer
+    and our model rather than gsplat's ``params`` / ``info`` dicts.
 
-    refine_start, refine_stop, refine_every: steps (gsplat 500, 15000, 100; of 30k).
-    grow_grad2d: mean gradient threshold, gsplat units (see module doc) (gsplat 0.0002).
-    grow_scale3d: canonical max-std threshold, head radii, between clone (<=) and split (>)
-        (gsplat 0.01 x scene extent -> ours 0.1).
-    prune_scale3d: prune Gaussians larger than this, head radii (gsplat 0.1 x extent -> 1.0),
-        applied after the first opacity reset as in gsplat.
-    prune_scale2d: prune Gaussians whose screen radius exceeded this fraction of max(W, H)
-        since the last refinement; None = off (gsplat 0.15, off by default too).
-    prune_opacity: (gsplat 0.005). reset_every: opacity reset period, 0 = never (gsplat 3000).
-    split_samples: children per split (2), split_shrink: scale divisor (1.6).
-    max_gaussians: cap on N; growth keeps the highest-gradient candidates. None = no cap.
-    seed: of the split sampling.
+    Per step: ``step_pre_backward(out)`` before ``loss.backward()``; then
+    ``step_post_backward(step, model, optimizers, out)``, which may replace the model's
+    per-Gaussian parameters (and their optimizer state) and returns counts for logging:
+    ``cloned``, ``split``, ``pruned``, ``reset`` (0/1) and ``n`` (Gaussians after). ``out`` is
+    one :class:`rafmodel.render.RenderOutput` or a list, one per view rendered this step.
+    ``state_dict`` / ``load_state_dict`` carry what an exact resume needs (tensors and plain
+    values only: checkpoints load with ``weights_only=True``).
     """
 
-    refine_start: int = 500
-    refine_stop: int = 15_000
-    refine_every: int = 100
-    grow_grad2d: float = 0.0002
-    grow_scale3d: float = 0.1
-    prune_scale3d: float = 1.0
-    prune_scale2d: float | None = None
-    prune_opacity: float = 0.005
-    reset_every: int = 3000
-    split_samples: int = 2
-    split_shrink: float = 1.6
-    max_gaussians: int | None = None
-    seed: int = 0
+    cfg: DensifyConfig
 
-    @classmethod
-    def for_iters(cls, iters: int, **overrides: Any) -> DensifyConfig:
-        """The 30k-step schedule shrunk to ``iters`` steps (refinement at least every 10
-        steps, so the gradient statistics average over several views)."""
-        f = iters / 30_000
-        every = max(10, round(100 * f))
-        sched = dict(refine_start=max(every, round(500 * f)), refine_stop=max(1, iters // 2),
-                     refine_every=every, reset_every=max(10 * every, round(3000 * f)))
-        return cls(**{**sched, **overrides})
+    def step_pre_backward(self, out: Any) -> None: ...
+
+    def step_post_backward(self, step: int, model: nn.Module, optimizers: Any,
+                           out: Any) -> dict[str, int]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 def _optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
@@ -338,10 +322,18 @@ class GsplatStrategy:
     handed to gsplat as one batch of ``n_cameras`` views, the way gsplat's own trainer renders a
     batch, so its gradient normalisation applies as written.
 
+    Public gsplat API only. A ``DefaultStrategy`` holds the settings and makes the running
+    state (``initialize_state``); the step itself follows ``DefaultStrategy.step_post_backward``
+    of gsplat 1.5.3 rule for rule (statistics, the grow and prune decisions, when they run),
+    and every change to the Gaussians is made by gsplat's public operations
+    (``gsplat.strategy.ops``: ``duplicate``, ``split``, ``remove``, ``reset_opa``), which carry
+    its split sampling and optimizer-state handling. Driving the step here, rather than through
+    ``DefaultStrategy.step_post_backward``, is what lets each step report what it did without
+    wrapping gsplat's private ``_grow_gs`` / ``_prune_gs``.
+
     Opacity reset. gsplat 1.5.3 tests ``step % reset_every == 0 & step > 0``, which Python
-    reads as a chained comparison ending in ``0 > 0``: the reset never runs. This class applies
-    gsplat's own ``reset_opa`` at 3DGS's schedule itself (clamping is idempotent, so a fixed
-    gsplat running it too changes nothing).
+    reads as a chained comparison ending in ``0 > 0``: the reset never runs. This class runs
+    ``reset_opa`` at 3DGS's schedule.
 
     Importing gsplat's strategy module compiles nothing, so this class also runs on a CPU
     (the tests drive it with our rasterizer's output).
@@ -367,8 +359,6 @@ class GsplatStrategy:
             refine_every=c.refine_every, reset_every=c.reset_every or never)
         self.state: dict[str, Any] = self.inner.initialize_state(scene_scale=float(head_radius))
         self.resets = 0
-        self._counts: dict[str, int] = {}
-        self._count_calls()
 
     # -- persistence (for exact resume)
 
@@ -424,6 +414,74 @@ class GsplatStrategy:
         return {"means2d": means2d, "radii": torch.stack([radii, radii], dim=-1),
                 "width": w, "height": h, "n_cameras": len(views), "gaussian_ids": None}
 
+    # -- DefaultStrategy's rules (gsplat 1.5.3, unpacked views, means2d gradients)
+
+    def _update_state(self, params: Mapping[str, Tensor], info: Mapping[str, Any]) -> None:
+        """Add this step's view-space gradient norms (NDC units), visibility counts and (with
+        screen-size rules on) screen radii to the running state."""
+        g, st = self.inner, self.state
+        grads = info["means2d"].grad.clone()
+        grads[..., 0] *= info["width"] / 2.0 * info["n_cameras"]
+        grads[..., 1] *= info["height"] / 2.0 * info["n_cameras"]
+        n = len(params["means"])
+        if st["grad2d"] is None:
+            st["grad2d"] = torch.zeros(n, device=grads.device)
+        if st["count"] is None:
+            st["count"] = torch.zeros(n, device=grads.device)
+        if g.refine_scale2d_stop_iter > 0 and st["radii"] is None:
+            st["radii"] = torch.zeros(n, device=grads.device)
+        sel = (info["radii"] > 0.0).all(dim=-1)  # (C, N)
+        ids = torch.where(sel)[1]
+        norms = grads[sel].norm(dim=-1)
+        st["grad2d"].index_add_(0, ids, norms)
+        st["count"].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        if g.refine_scale2d_stop_iter > 0:
+            radii = info["radii"][sel].max(dim=-1).values
+            st["radii"][ids] = torch.maximum(
+                st["radii"][ids], radii / float(max(info["width"], info["height"])))
+
+    def _grow(self, params: dict[str, nn.Parameter], opts: dict[str, torch.optim.Optimizer],
+              step: int) -> tuple[int, int]:
+        """Clone small Gaussians with high mean gradient, then split large ones."""
+        from gsplat.strategy.ops import duplicate, split
+
+        g, st = self.inner, self.state
+        grads = st["grad2d"] / st["count"].clamp_min(1)
+        high = grads > g.grow_grad2d
+        small = torch.exp(params["scales"]).max(dim=-1).values \
+            <= g.grow_scale3d * st["scene_scale"]
+        dupli = high & small
+        to_split = high & ~small
+        if step < g.refine_scale2d_stop_iter:
+            to_split |= st["radii"] > g.grow_scale2d
+        n_dupli, n_split = int(dupli.sum()), int(to_split.sum())
+        if n_dupli:
+            duplicate(params=params, optimizers=opts, state=st, mask=dupli)
+        # clones are appended after the originals and are never split in the same step
+        to_split = torch.cat([to_split, to_split.new_zeros(n_dupli)])
+        if n_split:
+            split(params=params, optimizers=opts, state=st, mask=to_split,
+                  revised_opacity=g.revised_opacity)
+        return n_dupli, n_split
+
+    def _prune(self, params: dict[str, nn.Parameter], opts: dict[str, torch.optim.Optimizer],
+               step: int) -> int:
+        """Remove nearly transparent Gaussians, and (after the first reset period) big ones."""
+        from gsplat.strategy.ops import remove
+
+        g, st = self.inner, self.state
+        prune = torch.sigmoid(params["opacities"].flatten()) < g.prune_opa
+        if step > g.reset_every:
+            too_big = torch.exp(params["scales"]).max(dim=-1).values \
+                > g.prune_scale3d * st["scene_scale"]
+            if step < g.refine_scale2d_stop_iter:
+                too_big |= st["radii"] > g.prune_scale2d
+            prune |= too_big
+        n_prune = int(prune.sum())
+        if n_prune:
+            remove(params=params, optimizers=opts, state=st, mask=prune)
+        return n_prune
+
     # -- hooks
 
     def step_pre_backward(self, out: Any) -> None:
@@ -433,48 +491,38 @@ class GsplatStrategy:
     @torch.no_grad()
     def step_post_backward(self, step: int, model: nn.Module, optimizers: Any,
                            out: Any) -> dict[str, int]:
-        """As :meth:`SimpleStrategy.step_post_backward`, by gsplat's ``DefaultStrategy``.
+        """As :meth:`SimpleStrategy.step_post_backward`, by gsplat's ``DefaultStrategy`` rules.
 
         A step in which no Gaussian was visible adds no statistics and refines nothing.
         """
         from gsplat.strategy.ops import reset_opa
 
-        c = self.cfg
-        self._counts = {"cloned": 0, "split": 0, "pruned": 0, "reset": 0}
+        c, g = self.cfg, self.inner
+        counts = {"cloned": 0, "split": 0, "pruned": 0, "reset": 0}
         gs_info = self._info(out)
-        if step < c.refine_stop and gs_info is not None:
+        if step < g.refine_stop_iter and gs_info is not None:
             params, opts = self._params(model), self._optimizers(model, optimizers)
-            self.inner.step_post_backward(params, opts, self.state, step, gs_info)
+            self._update_state(params, gs_info)
+            if step > g.refine_start_iter and step % g.refine_every == 0 \
+                    and step % g.reset_every >= g.pause_refine_after_reset:
+                counts["cloned"], counts["split"] = self._grow(params, opts, step)
+                counts["pruned"] = self._prune(params, opts, step)
+                for key in ("grad2d", "count", "radii"):
+                    if self.state.get(key) is not None:
+                        self.state[key].zero_()
+                if params["means"].is_cuda:
+                    torch.cuda.empty_cache()  # as gsplat: the old tensors' memory goes back
             if c.reset_every > 0 and step > 0 and step % c.reset_every == 0:
                 reset_opa(params=params, optimizers=opts, state=self.state,
                           value=2.0 * c.prune_opacity)
                 self.resets += 1
-                self._counts["reset"] = 1
+                counts["reset"] = 1
             self._write_back(model, params)
-        return {**self._counts, "n": model.num_gaussians}
-
-    def _count_calls(self) -> None:
-        """Wrap DefaultStrategy's grow and prune so each step reports what they did."""
-        grow, prune = self.inner._grow_gs, self.inner._prune_gs
-
-        def counted_grow(*args: Any, **kwargs: Any) -> tuple[int, int]:
-            n_clone, n_split = grow(*args, **kwargs)
-            self._counts.update(cloned=int(n_clone), split=int(n_split))
-            return n_clone, n_split
-
-        def counted_prune(*args: Any, **kwargs: Any) -> int:
-            n = prune(*args, **kwargs)
-            self._counts["pruned"] = int(n)
-            return n
-
-        self.inner._grow_gs, self.inner._prune_gs = counted_grow, counted_prune
-
-
-STRATEGIES = ("auto", "gsplat", "simple")
+        return {**counts, "n": model.num_gaussians}
 
 
 def make_strategy(name: str, cfg: DensifyConfig, head_radius: float,
-                  device: torch.device) -> SimpleStrategy | GsplatStrategy:
+                  device: torch.device) -> Strategy:
     """'auto' -> gsplat's DefaultStrategy on CUDA when gsplat is installed, else ours.
 
     Raises ValueError for an unknown name or 'gsplat' without gsplat installed.
@@ -495,5 +543,5 @@ def make_strategy(name: str, cfg: DensifyConfig, head_radius: float,
     return SimpleStrategy(cfg)
 
 
-__all__ = ["STRATEGIES", "DensifyConfig", "GsplatStrategy", "SimpleStrategy", "make_strategy",
-           "update_rows"]
+__all__ = ["STRATEGIES", "DensifyConfig", "GsplatStrategy", "SimpleStrategy", "Strategy",
+           "make_strategy", "update_rows"]

@@ -11,17 +11,25 @@ this is (1 - p) L_self + p L_RAF, the paper's objective.
 
 Outputs in ``--out``: ``config.json`` (every setting, resolved), ``metrics.jsonl`` (one line per
 logged step), ``previews/step_XXXXXXX.png`` (render | target), ``checkpoints/last.pt`` and
-periodic ``step_XXXXXXX.pt``. Checkpoints hold only tensors and plain values, so
-``torch.load(..., weights_only=True)`` opens them; ``--resume`` continues exactly (same
-batches, same augmentation draws, same optimizer and densification state).
+periodic ``step_XXXXXXX.pt``, ``summary.json`` at the end. Checkpoints hold only tensors and
+plain values, so ``torch.load(..., weights_only=True)`` opens them, and are written atomically
+(a temporary file in the same folder, flushed to disk, then renamed over the old one);
+``--resume`` continues exactly (same batches, same augmentation draws, same optimizer and
+densification state) and first cuts ``metrics.jsonl`` back to the checkpoint's step, so rows
+logged after it and before the interruption are not repeated.
+
+Damaged images (a chunk that does not decode, a CRC-32 that differs) stop the run with the
+store's one-line :class:`rafdata.errors.CorruptImageError`; with ``skip_corrupt`` the sample is
+dropped from its batch and counted (``skipped_corrupt`` in metrics.jsonl and summary.json).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,123 +47,24 @@ from rafmodel.avatar import (
     init_ellipsoid,
     init_from_visual_hull,
 )
+from rafmodel.config import CPU_DEFAULTS, GPU_DEFAULTS, TrainConfig
 from rafmodel.data import (
-    AugmentConfig,
+    CorruptSkips,
     InfiniteLoader,
     SubjectDataset,
     SwapStats,
+    first_corrupt,
     make_loader,
     to_unit,
 )
 from rafmodel.device import select_device
-from rafmodel.losses import LossConfig, build_loss, psnr, to_host
+from rafmodel.losses import build_loss, psnr, to_host
 from rafmodel.render import render, resolve_backend
-from rafmodel.strategy import DensifyConfig, make_strategy
+from rafmodel.strategy import make_strategy
 from rafmodel.targets import composite_target, render_K
 
 CHECKPOINT_VERSION = 2  # 2: one optimizer per Gaussian tensor (gsplat's convention)
 
-# Defaults that depend on the device: GHA-sized on a GPU, small enough on a CPU that the demo
-# trains a few hundred steps in minutes.
-GPU_DEFAULTS = {"iters": 100_000, "resolution": 512, "num_gaussians": 100_000, "mlp_width": 256}
-CPU_DEFAULTS = {"iters": 300, "resolution": 128, "num_gaussians": 3000, "mlp_width": 128}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved as config.json, printed at the start.
-
-    None means "pick by device" (GPU_DEFAULTS / CPU_DEFAULTS) or "derive" (out, densify).
-    """
-
-    store: str
-    subject: str
-    out: str | None = None  # default runs/{subject}-{aug}
-    aug: str = "raf"  # raf | vanilla | noise
-    p: float = 0.5  # swap probability (paper: 0.5)
-    topk: int = 1  # raf: uniform over the k nearest (paper ablation: 5)
-    noise_std: float = 0.08  # noise baseline
-    bank: str = "full"
-    iters: int | None = None
-    seed: int = 0
-    device: str = "auto"  # auto | cuda | cpu
-    backend: str = "auto"  # renderer: auto | gsplat | torch
-    strategy: str = "auto"  # densification: auto (gsplat's DefaultStrategy on CUDA) | gsplat | simple
-    batch_size: int = 1
-    workers: int | None = None  # DataLoader processes (None: cores - 1)
-    cameras: tuple[str, ...] | None = None
-    resolution: int | None = None  # longest image side rendered (images are resized to it)
-    num_gaussians: int | None = None
-    mlp_width: int | None = None
-    lr_net: float = 1e-4  # paper: Adam 1e-4 for the networks
-    lr_preset: str = "3dgs"  # per-Gaussian learning rates, see GaussianHeadAvatar.param_groups
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    log_every: int = 10
-    preview_every: int = 100
-    checkpoint_every: int = 1000
-    hull_views: int = 16  # views carved for the initial point cloud
-    loss: LossConfig = field(default_factory=LossConfig)
-    densify: DensifyConfig | None = None  # None: the 30k-step schedule scaled to iters
-
-    def validate(self) -> None:
-        """Raise RafDataError (one line) for settings no run could use, before anything is
-        written."""
-        problems = []
-        if not 0.0 <= self.p <= 1.0:
-            problems.append(f"--p must be in [0, 1] (got {self.p})")
-        if not self.noise_std >= 0:
-            problems.append(f"--noise-std must be >= 0 (got {self.noise_std})")
-        at_least = {"--topk": (self.topk, 1), "--batch-size": (self.batch_size, 1),
-                    "--iters": (self.iters, 1), "--workers": (self.workers, 0),
-                    "--resolution": (self.resolution, 16),
-                    "--num-gaussians": (self.num_gaussians, 1),
-                    "--mlp-width": (self.mlp_width, 1), "--log-every": (self.log_every, 1),
-                    "--preview-every": (self.preview_every, 1),
-                    "--checkpoint-every": (self.checkpoint_every, 1)}
-        problems += [f"{name} must be >= {low} (got {value})"
-                     for name, (value, low) in at_least.items()
-                     if value is not None and value < low]
-        for name, path in (("--vgg-weights", self.loss.vgg_weights),
-                           ("--lpips-weights", self.loss.lpips_weights)):
-            if path is not None and not Path(path).is_file():
-                problems.append(f"{name} {path}: no such file")
-        if problems:
-            raise RafDataError(None, "; ".join(problems))
-
-    def resolved(self, device: torch.device) -> TrainConfig:
-        """A copy with every None filled in for ``device``."""
-        base = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-        cfg = replace(self, **{k: v for k, v in base.items() if getattr(self, k) is None})
-        if cfg.out is None:
-            cfg = replace(cfg, out=str(Path("runs") / f"{cfg.subject}-{cfg.aug}"))
-        if cfg.densify is None:
-            # On a CPU growth must stay within what the rasterizer handles in a step.
-            # (gsplat's strategy has no cap: asking for it on a CPU means growing freely)
-            cap = 3 * cfg.num_gaussians if device.type != "cuda" and cfg.strategy != "gsplat" \
-                else None
-            cfg = replace(cfg, densify=DensifyConfig.for_iters(cfg.iters, seed=cfg.seed,
-                                                               max_gaussians=cap))
-        return cfg
-
-    def augment(self) -> AugmentConfig:
-        return AugmentConfig(mode=self.aug, p=self.p, topk=self.topk, noise_std=self.noise_std,
-                             bank=self.bank, seed=self.seed)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["cameras"] = list(self.cameras) if self.cameras else None
-        d["background"] = list(self.background)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        d["loss"] = LossConfig(**d.get("loss", {}))
-        d["densify"] = DensifyConfig(**d["densify"]) if d.get("densify") else None
-        d["cameras"] = tuple(d["cameras"]) if d.get("cameras") else None
-        d["background"] = tuple(d.get("background", (1.0, 1.0, 1.0)))
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def render_size(image_hw: tuple[int, int], resolution: int) -> tuple[int, int]:
@@ -183,29 +92,36 @@ class Runner:
         state = None
         if resume:
             # A resumed run keeps the settings it was started with (data, model, loss);
-            # only a new --iters applies, to extend it.
+            # only a new --iters applies, to extend it, and --skip-corrupt (a run stopped on
+            # a damaged image is resumed with it).
             state = load_checkpoint(self.out / "checkpoints" / "last.pt")
             saved = TrainConfig.from_dict(json.loads(state["config"]))
             self.cfg = replace(saved, out=self.cfg.out,
-                               iters=cfg.iters if cfg.iters is not None else saved.iters)
+                               iters=cfg.iters if cfg.iters is not None else saved.iters,
+                               skip_corrupt=cfg.skip_corrupt)
         torch.manual_seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
 
         c = self.cfg
+        # Loader workers mark damaged images instead of raising (see SubjectDataset); this
+        # process skips or raises (_next_batch).
         self.dataset = SubjectDataset(c.store, c.subject, c.augment(), split="train",
-                                      cameras=c.cameras, seed=c.seed)
+                                      cameras=c.cameras, seed=c.seed, mark_corrupt=True)
         self.loader = InfiniteLoader(make_loader(self.dataset, batch_size=c.batch_size,
                                                  workers=c.workers, shuffle=True, seed=c.seed))
         self.height, self.width = render_size(self.dataset.image_size, c.resolution)
         self.background = torch.tensor(c.background, dtype=torch.float32, device=self.device)
         self.loss_fn, self.loss_description = build_loss(c.loss, self.device, warn)
         self.swaps = SwapStats()
+        self.corrupt = CorruptSkips()
         self._xyz_lr0: float | None = None
         self.step = 0
         self.avatar_cfg = AvatarConfig(exp_dim=self.dataset.exp_dim,
                                        num_gaussians=c.num_gaussians, mlp_width=c.mlp_width)
         if state is not None:
             self._load(state)
+            truncate_metrics(self.out / "metrics.jsonl", self.step)
+            self._write_config()  # a new --iters or --skip-corrupt shows in config.json
         else:
             self.model = GaussianHeadAvatar(self.avatar_cfg, self._initial_cloud(),
                                             setup_device=self.device).to(self.device)
@@ -232,6 +148,14 @@ class Runner:
         rng = np.random.default_rng(c.seed)
         picks = rng.choice(len(ds), size=min(c.hull_views, len(ds)), replace=False)
         items = [ds[(0, int(i))] for i in np.sort(picks)]
+        bad = [int(it["image_index"]) for it in items if bool(it["corrupt"])]
+        if bad and not c.skip_corrupt:
+            ds.raise_corrupt(bad[0])
+        items = [it for it in items if not bool(it["corrupt"])]
+        if not items:
+            raise RafDataError(ds.store.path, f"every image picked for the initial point cloud "
+                               f"is damaged (rows {', '.join(map(str, bad))}); run `rafdata "
+                               "inspect --verify`")
         scale = float(np.median([float(it["scale"]) for it in items]))
         if all(bool(it["has_mask"]) for it in items):
             views = [HullSample(mask=it["mask"][0], K=it["K"], world_to_cam=it["world_to_cam"],
@@ -263,9 +187,28 @@ class Runner:
                 "strategy": type(self.strategy).__name__,
                 "render_size": [self.width, self.height], "subject": self.dataset.subject,
                 "train_images": len(self.dataset)}
-        (self.out / "config.json").write_text(json.dumps(info, indent=2))
+        atomic_write_text(self.out / "config.json", json.dumps(info, indent=2))
 
     # -- one step --------------------------------------------------------------------------
+    def _next_batch(self) -> dict:
+        """The next batch without damaged-image markers; with ``skip_corrupt`` off, the first
+        marker raises the store's CorruptImageError (one line naming store and row)."""
+        # A whole epoch of markers in a row means no image can be read: stop, not spin.
+        limit = -(-len(self.dataset) // self.cfg.batch_size) + 1
+        for _ in range(limit):
+            batch = next(self.loader)
+            row = first_corrupt(batch)
+            if row is None:
+                return batch
+            if not self.cfg.skip_corrupt:
+                self.dataset.raise_corrupt(row)
+            kept = self.corrupt.drop(batch)
+            if kept is not None:
+                return kept
+        raise RafDataError(self.dataset.store.path, f"no readable image of subject "
+                           f"{self.dataset.subject} in a whole epoch ({self.corrupt.count} "
+                           "damaged samples skipped); run `rafdata inspect --verify`")
+
     def _target(self, batch: dict) -> torch.Tensor:
         """(B,3,h,w) frames on the background colour, at render size."""
         # The dataset serves all-ones masks where a store has no matte: compositing is then
@@ -331,7 +274,7 @@ class Runner:
         try:
             while self.step < c.iters:
                 t_data = time.perf_counter()
-                batch = next(self.loader)
+                batch = self._next_batch()
                 t_step = time.perf_counter()
                 numbers = self.train_step(batch)
                 t_end = time.perf_counter()
@@ -341,7 +284,8 @@ class Runner:
                 if self.step % c.log_every == 0 or self.step == c.iters:
                     row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                     row.update(step=self.step, swap_rate=self.swaps.pop_window(),
-                               swap_rate_total=self.swaps.rate, time=time.perf_counter() - t0)
+                               swap_rate_total=self.swaps.rate, time=time.perf_counter() - t0,
+                               skipped_corrupt=self.corrupt.count)
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     window = []
@@ -354,8 +298,11 @@ class Runner:
         finally:
             log.close()
         summary = {"steps": self.step, "seconds": time.perf_counter() - t0,
-                   "swap_rate": self.swaps.rate, "gaussians": self.model.num_gaussians}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+                   "swap_rate": self.swaps.rate, "gaussians": self.model.num_gaussians,
+                   "skip_corrupt": self.cfg.skip_corrupt,
+                   "skipped_corrupt": self.corrupt.count,
+                   "corrupt_rows": sorted(self.corrupt.rows)}
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     # -- outputs ---------------------------------------------------------------------------
@@ -380,6 +327,7 @@ class Runner:
             "strategy": self.strategy.state_dict(),
             "loader": self.loader.state_dict(),
             "swaps": self.swaps.state_dict(),
+            "corrupt": self.corrupt.state_dict(),
             "torch_rng": torch.get_rng_state(),
             # gsplat's split draws from the CUDA generator
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
@@ -389,11 +337,10 @@ class Runner:
         folder = self.out / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state()
-        tmp = folder / "last.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(folder / "last.pt")  # a crash mid-save never leaves a torn last.pt
+        # A crash mid-save never leaves a torn checkpoint under a checkpoint's name.
+        atomic_torch_save(state, folder / "last.pt")
         if self.step % self.cfg.checkpoint_every == 0:
-            torch.save(state, folder / f"step_{self.step:07d}.pt")
+            atomic_torch_save(state, folder / f"step_{self.step:07d}.pt")
         return folder / "last.pt"
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -408,10 +355,84 @@ class Runner:
         self.strategy.load_state_dict(state["strategy"])
         self.loader.load_state_dict(state["loader"])
         self.swaps.load_state_dict(state["swaps"])
+        self.corrupt.load_state_dict(state.get("corrupt", {}))
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = int(state["step"])
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows opening folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    """The temporary name ``path`` is written under: same folder (so the rename is atomic),
+    a name no reader looks for (not ``*.pt``, not ``*.jsonl``)."""
+    return path.with_name(f"{path.name}.tmp")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over
+    ``path``: readers see the old file or the whole new one, never a torn one. A temporary
+    left by a crash is simply overwritten by the next save."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (as :func:`atomic_torch_save`)."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Keep only the rows of ``metrics.jsonl`` with ``step <= step`` (a resume from the
+    checkpoint of ``step`` logs the later ones again), one per step (the last: files written
+    before this fix may repeat steps); rewritten atomically. A torn line (the process died
+    mid-write) goes too. Returns the number of rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last: dict[int, int] = {}  # step -> index of its last row (older files may repeat steps)
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            s = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if s <= step:
+            last[s] = i
+    keep = sorted(last.values())
+    dropped = len(lines) - len(keep)
+    if dropped:
+        atomic_write_text(path, "".join(f"{lines[i]}\n" for i in keep))
+    return dropped
 
 
 def make_optimizers(model: GaussianHeadAvatar, lr_net: float,
@@ -444,5 +465,6 @@ def load_avatar(path: str | Path, device: str | torch.device = "cpu") -> Gaussia
     return model.eval()
 
 
-__all__ = ["CPU_DEFAULTS", "GPU_DEFAULTS", "Runner", "TrainConfig", "load_avatar",
-           "load_checkpoint", "make_optimizers", "render_size"]
+__all__ = ["CPU_DEFAULTS", "GPU_DEFAULTS", "Runner", "TrainConfig", "atomic_torch_save",
+           "atomic_write_text", "load_avatar", "load_checkpoint", "make_optimizers",
+           "render_size", "truncate_metrics"]

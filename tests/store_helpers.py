@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rafdata.store import StoreWriter
+from rafdata.writer import StoreWriter
 
 
 def fake_sequence(rng: np.random.Generator, t: int = 5, d: int = 8):
@@ -55,3 +55,24 @@ def write_store(
                 truth[(pid, seq)] = dict(frames=frames, exp=exp, pose=pose, scale=scale,
                                          rgb=rgb, mask=mask if masks else None)
     return truth
+
+
+def image_chunk(store: Path, row: int, what: str = "rgb") -> tuple[Path, int, int]:
+    """(file, byte offset, size) of the chunk holding image ``row`` (colour or "mask"), for
+    tests that damage stored bytes. Works for segment files and format-1 stores alike."""
+    from rafdata.store import Store
+
+    with Store(store) as s:
+        rgb, mask, local, _, path = s._locate(int(row))
+        ds = rgb if what == "rgb" else mask
+        info = ds.id.get_chunk_info_by_coord((local,) + (0,) * (ds.ndim - 1))
+        return path, int(info.byte_offset), int(info.size)
+
+
+def flip_bytes(path: Path, offset: int, count: int = 16) -> None:
+    """Invert ``count`` bytes of ``path`` starting at ``offset`` (in place)."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        data = bytearray(fh.read(count))
+        fh.seek(offset)
+        fh.write(bytes(b ^ 0xFF for b in data))

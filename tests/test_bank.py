@@ -23,7 +23,8 @@ from rafdata.bank import (
     select_identities,
 )
 from rafdata.errors import RafDataError, StoreError
-from rafdata.store import Store, StoreWriter
+from rafdata.store import Store
+from rafdata.writer import StoreWriter
 
 D = 16
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from cli.rafdata import main as rafdata
 from cli.rafmodel import main as rafmodel
+from rafdata.store import copy_store
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def test_inspect_tables(runner, bfm_store):
 
 def test_verify_failure_exits_one(runner, bfm_store, tmp_path):
     bad = tmp_path / "bad.h5"
-    bad.write_bytes(bfm_store.read_bytes())
+    copy_store(bfm_store, bad)
     with h5py.File(bad, "r+") as f:
         f["images/timestep"][0] = 10_000
     res = runner.invoke(rafdata, ["inspect", str(bad), "--verify", "--quiet"])
@@ -102,12 +103,11 @@ def test_rafmodel_env(runner):
 
 
 def test_inspect_shows_banks_and_verifies_them(runner, bfm_store, tmp_path):
-    import shutil
 
     from rafdata.bank import BankConfig, build_bank
 
     path = tmp_path / "banked.h5"
-    shutil.copy(bfm_store, path)
+    copy_store(bfm_store, path)
     build_bank(path, BankConfig(k=4, threads=1))
     res = runner.invoke(rafdata, ["inspect", str(path), "--json", "--verify", "--quiet"])
     info = json.loads(res.stdout)

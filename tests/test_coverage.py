@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from rafdata import coverage as cov
 from rafdata.coverage import CoverageConfig, all_subjects, b2t, kl_kde, mmd_rbf, subject_coverage
 from rafdata.errors import StoreError
-from rafdata.store import Store
+from rafdata.store import Store, copy_store
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -260,10 +260,9 @@ def test_tiny_fixture_store_without_bank_is_refused(bfm_store):
 def test_with_rafdata_bank(cov_store, tmp_path):
     """The neighbour table written by rafdata.bank (exact mode) gives the same analysis."""
     bank = pytest.importorskip("rafdata.bank")
-    import shutil
 
     copy = tmp_path / "store.h5"
-    shutil.copy(cov_store, copy)
+    copy_store(cov_store, copy)
     bank.build_bank(copy, bank.BankConfig(name="built", exact=True, threads=1, k=4,
                                           frames_per_id=10_000))
     mine = subject_coverage(copy, "422", CoverageConfig(n=80))

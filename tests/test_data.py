@@ -6,7 +6,6 @@ here by brute force (independent of rafdata.bank), so every swap can be checked 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import h5py
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from rafdata.errors import StoreError
-from rafdata.store import Store
+from rafdata.store import Store, copy_store
 from rafmodel.data import (
     AugmentConfig,
     EpochSampler,
@@ -405,16 +404,16 @@ def test_refuses_subject_without_training_images(nomatte_store):
 
 def test_refuses_newer_format_version(data_store, tmp_path):
     newer = tmp_path / "newer.h5"
-    shutil.copy(data_store, newer)
+    copy_store(data_store, newer)
     with h5py.File(newer, "r+", locking=False) as f:
-        f.attrs["format_version"] = 2
+        f.attrs["format_version"] = 99
     with pytest.raises(StoreError, match="newer rafdata"):
         SubjectDataset(newer, SUBJECT, AugmentConfig(mode="vanilla"))
 
 
 def test_refuses_table_with_same_identity_neighbour(data_store, tmp_path):
     bad = tmp_path / "bad.h5"
-    shutil.copy(data_store, bad)
+    copy_store(data_store, bad)
     with h5py.File(bad, "r+", locking=False) as f:
         ds = f["banks/full/neighbors/index"]
         ds[0, 0] = 1  # timestep 1 is the same identity (and sequence) as timestep 0

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from rafdata.errors import RafDataError
-from rafdata.store import Store
+from rafdata.store import Store, copy_store
 from rafmodel.compare import COLUMNS, compare, format_table, write_csv, write_json
 from rafmodel.evaluate import (
     PSNR_CAP,
@@ -170,14 +170,13 @@ def test_ground_truth_differs_between_drivers(synth):
 
 
 def test_store_without_manifest_needs_synth_root(synth, tmp_path):
-    import shutil
 
     import h5py
 
     from rafmodel.evaluate import load_synth
 
     path = tmp_path / "plain.h5"
-    shutil.copy(synth[1], path)
+    copy_store(synth[1], path)
     with h5py.File(path, "a") as f:
         del f.attrs["synthetic"]
     store = Store(path)

@@ -224,7 +224,7 @@ def test_resume_appends_and_skips(synth_bfm, tmp_path):
 
 def test_crash_mid_sequence_then_rerun_equals_clean_run(synth_bfm, bfm_store, tmp_path,
                                                        monkeypatch):
-    from rafdata.store import SequenceWriter
+    from rafdata.segment import SequenceWriter
 
     out = tmp_path / "crash.h5"
     real_put = SequenceWriter.put_image

@@ -12,10 +12,11 @@ import h5py
 import numpy as np
 import pytest
 
-from rafdata.errors import SourceError, StoreError
+from rafdata.errors import CorruptImageError, SourceError, StoreError
 from rafdata.inspect import check_invariants, verify
-from rafdata.store import COMPRESSIONS, FORMAT_VERSION, Store, StoreWriter
-from tests.store_helpers import camera, fake_sequence, write_store
+from rafdata.store import COMPRESSIONS, FORMAT_VERSION, Store
+from rafdata.writer import StoreWriter
+from tests.store_helpers import camera, fake_sequence, flip_bytes, image_chunk, write_store
 
 
 def sha(path) -> str:
@@ -85,14 +86,13 @@ def test_crash_mid_sequence_then_resume(tmp_path):
     write_store(path, identities=("388",), sequences=("A",))
     script = textwrap.dedent(f"""
         import os, numpy as np
-        from rafdata.store import StoreWriter
+        from rafdata.writer import StoreWriter
         w = StoreWriter({str(path)!r})
         with w.sequence("422", "B", False, "mem") as sw:
             rows = sw.add_timesteps(np.arange(5), np.ones((5, 8)), np.zeros((5, 6)),
                                     np.ones(5), "test")
             cam = sw.camera("9", np.eye(3), np.eye(4))
             sw.add_images(np.full((3, 24, 32, 3), 7, np.uint8), None, rows[:3], cam)
-            w.f.flush()
             os._exit(9)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
@@ -169,14 +169,24 @@ def test_verify_detects_damaged_chunk(tmp_path):
     with Store(path) as s:
         ok = verify(s)
         assert ok.ok and ok.chunks_read > 10
-        offset = s.h5()["images/rgb"].id.get_chunk_info(3).byte_offset
-    data = bytearray(path.read_bytes())
-    for k in range(16):
-        data[offset + 40 + k] ^= 0xFF
-    path.write_bytes(bytes(data))
+    seg, offset, _ = image_chunk(path, 3)
+    flip_bytes(seg, offset + 40)
     with Store(path) as s:
         res = verify(s)
+        with pytest.raises(CorruptImageError, match="image row 3: colour fails its CRC-32"):
+            s.read_rgb(3)
+        np.testing.assert_array_equal(s.read_rgb(4).shape, (24, 32, 3))  # the others read
     assert not res.ok and any("CRC-32 (first at row 3)" in p for p in res.problems)
+
+
+def test_damaged_blosc_header_is_one_error(tmp_path):
+    """A chunk whose Blosc header lies about its sizes is refused before decompression."""
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",))
+    seg, offset, _ = image_chunk(path, 2, "mask")
+    flip_bytes(seg, offset + 4, 4)  # the decompressed size
+    with Store(path) as s, pytest.raises(CorruptImageError, match="matte chunk .* cannot be"):
+        s.read_mask(2)
 
 
 def test_verify_detects_damaged_table(tmp_path):
@@ -216,7 +226,8 @@ def test_blosc_with_other_filters_is_read_and_appended_through_hdf5(tmp_path):
 
     path = tmp_path / "s.h5"
     truth = write_store(path, identities=("388",), sequences=("A",), masks=False)
-    with h5py.File(path, "r+") as f:
+    seg = image_chunk(path, 0)[0]
+    with h5py.File(seg, "r+") as f:  # rewrite the segment's images with a second filter
         assert blosc_only(f["images/rgb"])
         data = f["images/rgb"][:]
         del f["images/rgb"]
@@ -227,8 +238,8 @@ def test_blosc_with_other_filters_is_read_and_appended_through_hdf5(tmp_path):
     with Store(path) as s:
         np.testing.assert_array_equal(s.read_rgb(7), truth[("388", "A")]["rgb"][1, 2])
     extra = np.random.default_rng(5).integers(0, 256, (5, 24, 32, 3), dtype=np.uint8)
-    with StoreWriter(path) as w:
-        assert not w.codec.direct
+    with StoreWriter(path) as w:  # new segments use the store's codec, written directly
+        assert w.codec.direct
         with w.sequence("388", "B", False, "mem") as sw:
             rows = sw.add_timesteps(*fake_sequence(np.random.default_rng(1)), "test")
             sw.add_images(extra, None, rows, sw.camera("222200030", *camera(0)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from rafdata.bank import BankConfig, build_bank
+from rafdata.store import copy_store
 from rafmodel.strategy import DensifyConfig
 from rafmodel.train import Runner, TrainConfig, load_avatar, load_checkpoint
 
@@ -23,7 +23,7 @@ TINY = dict(resolution=32, num_gaussians=400, mlp_width=32, workers=0, log_every
 def banked_store(bfm_store, tmp_path_factory):
     """The session's tiny synth store with a bank (all training frames are members)."""
     path = tmp_path_factory.mktemp("train") / "store.h5"
-    shutil.copy(bfm_store, path)
+    copy_store(bfm_store, path)
     build_bank(path, BankConfig(frames_per_id=200, k=4, threads=1))
     return path
 
@@ -119,9 +119,9 @@ def test_refusals_are_one_line(bfm_store, banked_store, tmp_path):
     proc = _cli(str(bfm_store), "--subject", "388", "--out", str(tmp_path / "y"), *base)
     assert proc.returncode == 2 and "build-bank" in proc.stderr  # raf needs a bank
     newer = tmp_path / "newer.h5"
-    shutil.copy(banked_store, newer)
+    copy_store(banked_store, newer)
     with h5py.File(newer, "r+") as f:
-        f.attrs["format_version"] = 2
+        f.attrs["format_version"] = 99
     proc = _cli(str(newer), "--subject", "388", "--out", str(tmp_path / "z"), *base)
     assert proc.returncode == 2 and "newer rafdata" in proc.stderr
     for p in (proc,):

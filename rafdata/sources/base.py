@@ -7,6 +7,7 @@ only ever talks to this interface, so a new layout is one new module in ``rafdat
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,3 +114,44 @@ class SourceOptions:
     sequences: Sequence[str] | None = None
     cameras: Sequence[str] | None = None
     extra: dict = field(default_factory=dict)
+
+
+# Folder names are data: participant numbers, sequence names and frame numbers all come from
+# them. str.isdigit() is True for '①' and '²' (which int() refuses) and int() accepts '٣',
+# ' 17' and '1_7', so numbers are matched as ASCII digits only.
+ASCII_NUMBER = re.compile(r"[0-9]+")
+
+
+def is_number(name: str) -> bool:
+    """True when ``name`` is a plain non-negative number in ASCII digits ("017", not "①")."""
+    return ASCII_NUMBER.fullmatch(name) is not None
+
+
+def shown(name: str) -> str:
+    """``name`` quoted for a message, printable whatever it holds.
+
+    A folder name that is not valid UTF-8 reaches Python as surrogate escapes, which cannot be
+    printed or stored; they are shown as ``\\xff``. The quotes make stray spaces visible.
+    """
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return f"'{text}'" if text.isprintable() else repr(text)
+
+
+def name_problem(name: str) -> str | None:
+    """Why a folder name cannot become a participant, sequence or camera name, or None.
+
+    The store keeps names as UTF-8 text and users type them on the command line, so names
+    that are not UTF-8, that hide whitespace at either end, or that hold control characters
+    are refused (``"FREE "`` would silently not match ``--held-out FREE``).
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    if name != name.strip():
+        return "name has leading or trailing whitespace"
+    if not name.isprintable():
+        return "name holds control characters"
+    if name.isdigit() and not is_number(name):
+        return "name looks like a number but is not ASCII digits"
+    return None

@@ -5,51 +5,94 @@
 * NeRSemble benchmark FLAME tracking: one npz per sequence with per-frame arrays.
 
 Every error is a SourceError naming the exact file (for BFM, the frame's npz) and the key.
+Every number is checked *after* its cast to the store's float32: 1e39 is a finite float64 but
+an inf in the store.
+
+The per-frame BFM files are many (249k at paper scale) and tiny, so they go through a lean npz
+reader (:func:`read_npz_arrays`) that skips most of ``np.load``'s per-file machinery;
+:func:`read_trackings` reads many sequences on a thread pool.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import struct
 import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from rafdata.errors import SourceError
 from rafdata.rotations import euler_xyz_intrinsic_to_matrix, matrix_to_axis_angle, rotation_errors
-from rafdata.sources.base import Tracking
+from rafdata.sources.base import SequenceSource, Tracking, is_number, shown
 
 BFM_EXP_DIM = 64
 BFM_EXP_SPACE = "bfm09"
 FLAME_PARTS = {"expression": 100, "jaw": 3, "neck": 3, "eyes": 6}
 
 
-def frame_folders(folder: Path) -> list[tuple[int, Path]]:
+def frame_folders(folder: Path, warn: Callable[[str], None] | None = None) -> list[tuple[int, Path]]:
     """Sub-folders of ``folder`` named by a frame number (any zero padding), sorted by it.
 
-    Raises SourceError when two folders name the same frame (e.g. "3" and "0003").
+    Frame numbers are ASCII digits only. Other sub-folders are skipped, with one line to
+    ``warn`` naming them (hidden ones, ".*", silently): "0003 " or "①" would otherwise vanish
+    without a word. Raises SourceError when two folders name the same frame ("3" and "0003").
     """
-    found: dict[int, Path] = {}
-    for child in folder.iterdir():
-        if child.name.isdigit() and child.is_dir():
-            frame = int(child.name)
+    return [(frame, Path(sub)) for frame, sub in _frame_entries(folder, warn)]
+
+
+def _frame_entries(folder: Path, warn: Callable[[str], None] | None) -> list[tuple[int, str]]:
+    """:func:`frame_folders` with str paths: a Path per frame costs more than reading it."""
+    found: dict[int, str] = {}
+    odd: list[str] = []
+    # scandir: the file type comes with the listing, no stat per entry (250k frame folders).
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not _is_dir(entry):
+                continue
+            name = entry.name
+            if not is_number(name):
+                if not name.startswith("."):
+                    odd.append(name)
+                continue
+            frame = int(name)
             if frame in found:
-                raise SourceError(
-                    folder, f"frame {frame} appears twice: {found[frame].name} and {child.name}"
-                )
-            found[frame] = child
+                raise SourceError(folder, f"frame {frame} appears twice: "
+                                  f"{os.path.basename(found[frame])} and {name}")
+            found[frame] = entry.path
+    if odd and warn is not None:
+        odd.sort()
+        more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+        warn(f"{folder}: skipped {len(odd)} folder(s) not named by a frame number (ASCII "
+             f"digits): {', '.join(shown(n) for n in odd[:3])}{more}")
     return sorted(found.items())
 
 
-def read_bfm_params(folder: Path) -> Tracking:
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a dangling link or a permission problem: not a frame folder
+        return False
+
+
+BFM_KEYS = ("exp_coeff", "pose", "scale")  # what the store keeps of a params.npz
+
+
+def read_bfm_params(folder: Path, warn: Callable[[str], None] | None = None) -> Tracking:
     """Read ``folder/{frame}/params.npz`` for every frame folder (other files are ignored).
 
     Returns frames (T,) int64 sorted, exp (T, 64) float32 in space "bfm09", pose (T, 6)
-    float32 (axis-angle, translation), scale (T,) float32.
+    float32 (axis-angle, translation), scale (T,) float32. ``warn`` hears about sub-folders
+    skipped because their name is not a frame number.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceError(folder, "BFM params folder not found")
-    items = frame_folders(folder)
+    items = _frame_entries(folder, warn)
     if not items:
         raise SourceError(folder, "no frame folders (e.g. 0000/params.npz): tracking is empty")
     t = len(items)
@@ -58,14 +101,36 @@ def read_bfm_params(folder: Path) -> Tracking:
     pose = np.empty((t, 6), np.float32)
     scale = np.empty(t, np.float32)
     for row, (frame, sub) in enumerate(items):
-        path = sub / "params.npz"
-        data = _load_npz(path)
+        path = os.path.join(sub, "params.npz")  # str: a Path is made only for a message
+        data = read_npz_arrays(path, BFM_KEYS)
         frames[row] = frame
         exp[row] = _vector(data, path, "exp_coeff", BFM_EXP_DIM)
         pose[row] = _vector(data, path, "pose", 6)
         scale[row] = _vector(data, path, "scale", 1)[0]
     return Tracking(frames=frames, exp=exp, pose=pose, scale=scale, exp_space=BFM_EXP_SPACE,
                     path=folder)
+
+
+def read_trackings(sequences: Sequence[SequenceSource], workers: int = 2) -> list[Tracking]:
+    """``[s.tracking() for s in sequences]``, read by ``workers`` threads, in the same order.
+
+    Raises the error of the first failing sequence in sequence order (not the first to fail
+    in time), like the plain loop would; sequences not started yet are then cancelled.
+    Threads, not processes: a sequence source holds callables (``warn``) and caches that do
+    not cross a process boundary, and warnings must reach the caller's progress. The work
+    overlaps where the GIL is released (open, read, stat); bench/bench_tracking.py measures it.
+    """
+    sequences = list(sequences)
+    if workers <= 1 or len(sequences) <= 1:
+        return [s.tracking() for s in sequences]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raf-tracking") as pool:
+        futures = [pool.submit(s.tracking) for s in sequences]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def parse_flame_exp(flame_exp: str) -> list[str]:
@@ -114,20 +179,18 @@ def read_flame_npz(path: Path, flame_exp: str = "expression+jaw") -> Tracking:
         if arr.shape != (t, dim):
             raise SourceError(path, f"key '{key}' has shape {arr.shape}, expected ({t}, {dim}) "
                               f"to match 'frames' ({t},)")
-        _finite(arr, path, key)
-        return arr.astype(np.float32)
+        return _float32(arr, path, key, frames)
 
     exp = np.concatenate([per_frame(p, FLAME_PARTS[p]) for p in parts], axis=1)
     rotation = _flame_axis_angle(data, path, per_frame, t)
     pose = np.concatenate([rotation, per_frame("translation", 3)], axis=1)
     scale_raw = _get(data, path, "scale")
     if scale_raw.size == 1:
-        scale = np.full(t, float(scale_raw.reshape(())), np.float32)
+        scale = np.full(t, _float32(scale_raw.reshape(1), path, "scale")[0], np.float32)
     elif scale_raw.size == t:
-        scale = scale_raw.reshape(t).astype(np.float32)
+        scale = _float32(scale_raw.reshape(t), path, "scale", frames)
     else:
         raise SourceError(path, f"key 'scale' has shape {scale_raw.shape}, expected (1, 1) or ({t},)")
-    _finite(scale, path, "scale")
     return Tracking(frames=frames, exp=np.ascontiguousarray(exp), pose=pose, scale=scale,
                     exp_space=flame_exp_space(flame_exp), path=path)
 
@@ -139,7 +202,7 @@ def _flame_axis_angle(data: dict[str, np.ndarray], path: Path, per_frame, t: int
     ``rotation`` is read as the NeRSemble toolkit reads it, intrinsic XYZ Euler angles.
     """
     if "rotation_matrices" in data:
-        mats = data["rotation_matrices"]
+        mats = _get(data, path, "rotation_matrices")
         if mats.shape != (t, 3, 3):
             raise SourceError(path, f"key 'rotation_matrices' has shape {mats.shape}, expected "
                               f"({t}, 3, 3) to match 'frames' ({t},)")
@@ -169,30 +232,209 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise SourceError(path, f"cannot read npz: {exc}") from exc
 
 
-def _get(data: dict[str, np.ndarray], path: Path, key: str) -> np.ndarray:
+# -- the lean npz reader --------------------------------------------------------------------
+#
+# An npz is a zip of .npy files; np.savez stores them uncompressed. For a 1.5 kB params.npz,
+# np.load's cost is all per-file machinery: zipfile parses the archive into ZipInfo objects,
+# every member is opened as a ZipExtFile and its .npy header is parsed by ast.literal_eval.
+# Here the file is read in one call, the central directory is walked with struct, and the
+# header dict numpy writes is matched by a regular expression. Anything else (compressed or
+# encrypted members, zip64, a missing key, a header numpy did not write, a CRC mismatch,
+# object or fortran-ordered arrays) goes to np.load, so errors read exactly as before.
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
+_CDIR = struct.Struct("<4s6H3L5H2L")  # central directory file header, 46 bytes
+_LOCAL = struct.Struct("<4s5H3L2H")  # local file header, 30 bytes
+_NPY_HEADER = re.compile(
+    r"\{'descr': '([<>|=]?[biuf][0-9]{1,2})', 'fortran_order': False, "
+    r"'shape': \(((?:[0-9]+, )*[0-9]*|[0-9]+,)\), \} *\n"
+)
+NPY_MAX_HEADER = 10000  # np.load's max_header_size default
+
+
+def read_npz_arrays(path: str | Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an uncompressed npz, as np.load would give them.
+
+    Returns {key: array} for exactly ``keys`` (read-only arrays over the file's bytes), or,
+    when the file is anything but the plain case (see the comment above), everything
+    :func:`_load_npz` returns: the caller's missing-key and validation messages stay as they
+    were. Raises SourceError naming the file when it is missing, not a zip or damaged.
+    """
+    keys = tuple(keys)
+    try:
+        with open(path, "rb") as fh:
+            buf = fh.read()
+    except OSError:
+        return _load_npz(Path(path))  # not found, a folder, no permission: say it as before
+    out = _lean_npz(buf, keys)
+    return out if out is not None else _load_npz(Path(path))
+
+
+def _lean_npz(buf: bytes, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """``keys`` read from an npz's bytes, or None for anything but the plain case."""
+    members = _stored_members(buf)
+    if members is None:
+        return None
+    out = {}
+    for key in keys:
+        member = members.get(key + ".npy")
+        if member is None:
+            return None
+        offset, size, crc = member
+        if offset + _LOCAL.size > len(buf):
+            return None
+        sig, _, _, _, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(buf, offset)
+        start = offset + _LOCAL.size + name_len + extra_len
+        if sig != b"PK\x03\x04" or start + size > len(buf):
+            return None
+        data = buf[start:start + size]
+        if zlib.crc32(data) != crc:  # zipfile checks it too: a flipped bit is an error there
+            return None
+        arr = _npy(data)
+        if arr is None:
+            return None
+        out[key] = arr
+    return out
+
+
+def _stored_members(buf: bytes) -> dict[str, tuple[int, int, int]] | None:
+    """{name: (local header offset, size, crc32)} of an uncompressed zip, None otherwise."""
+    end = buf.rfind(b"PK\x05\x06", max(0, len(buf) - _EOCD.size - 0xFFFF))
+    if end < 0 or end + _EOCD.size > len(buf):
+        return None
+    _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(buf, end)
+    if disk or cd_disk or cd_offset == 0xFFFFFFFF or cd_offset + cd_size > end:
+        return None  # multi-disk or zip64: np.load knows these
+    members: dict[str, tuple[int, int, int]] = {}
+    pos = cd_offset
+    for _ in range(count):
+        if pos + _CDIR.size > end:
+            return None
+        (sig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
+         _, _, _, offset) = _CDIR.unpack_from(buf, pos)
+        if sig != b"PK\x01\x02" or method != 0 or flags & 0x1 or csize != usize \
+                or usize == 0xFFFFFFFF or offset == 0xFFFFFFFF:
+            return None  # compressed, encrypted or zip64 member
+        try:
+            name = buf[pos + _CDIR.size:pos + _CDIR.size + name_len].decode(
+                "utf-8" if flags & 0x800 else "cp437")
+        except UnicodeDecodeError:
+            return None
+        members[name] = (offset, usize, crc)  # a repeated name: the last wins, as in zipfile
+        pos += _CDIR.size + name_len + extra_len + comment_len
+    return members
+
+
+def _npy(data: bytes) -> np.ndarray | None:
+    """The array in a .npy file's bytes when its header is one numpy writes, else None."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        return None
+    major = data[6]
+    if major == 1:
+        (hlen,), start = struct.unpack_from("<H", data, 8), 10
+    elif major in (2, 3):
+        if len(data) < 12:
+            return None
+        (hlen,), start = struct.unpack_from("<I", data, 8), 12
+    else:
+        return None
+    if hlen > NPY_MAX_HEADER or start + hlen > len(data):
+        return None
+    raw = data[6:start + hlen]  # version, length and header: the same in every frame's file
+    parsed = _HEADERS.get(raw)
+    if parsed is None:
+        parsed = _parse_npy_header(data[start:start + hlen], major)
+        if parsed is None:
+            return None
+        if len(_HEADERS) < 1024:
+            _HEADERS[raw] = parsed
+    dtype, shape, count = parsed
+    body = start + hlen
+    if len(data) - body < count * dtype.itemsize:
+        return None  # np.load says how short it is
+    return np.frombuffer(data, dtype, count, body).reshape(shape)
+
+
+_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}  # header bytes -> parsed
+
+
+def _parse_npy_header(header: bytes, major: int) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, element count) of a .npy header dict as numpy writes it, else None."""
+    try:
+        text = header.decode("utf-8" if major == 3 else "latin1")
+    except UnicodeDecodeError:
+        return None
+    match = _NPY_HEADER.fullmatch(text)
+    if match is None:
+        return None
+    descr, dims = match.groups()
+    try:
+        dtype = np.dtype(descr)
+    except TypeError:
+        return None
+    shape = tuple(int(d) for d in dims.split(",") if d.strip())
+    count = 1
+    for d in shape:
+        count *= d
+    return dtype, shape, count
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+def _get(data: dict[str, np.ndarray], path: str | Path, key: str) -> np.ndarray:
     if key not in data:
         raise SourceError(path, f"missing key '{key}' (has: {', '.join(sorted(data)) or 'none'})")
     arr = data[key]
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    if not isinstance(arr, np.ndarray):  # np.load hands a member that is not .npy as bytes
+        raise SourceError(path, f"key '{key}' is not a .npy array")
+    if arr.dtype.kind not in "biuf":  # bool, integers, floats; not complex, dates, text
         raise SourceError(path, f"key '{key}' is not numeric (dtype {arr.dtype})")
     return arr
 
 
-def _vector(data: dict[str, np.ndarray], path: Path, key: str, dim: int) -> np.ndarray:
-    """One frame's vector: (1, dim), (dim,) or a scalar when dim == 1."""
+def _vector(data: dict[str, np.ndarray], path: str | Path, key: str, dim: int) -> np.ndarray:
+    """One frame's vector: (1, dim), (dim,) or a scalar when dim == 1; (dim,) float32."""
     arr = _get(data, path, key)
     if arr.size != dim:
         raise SourceError(path, f"key '{key}' has shape {arr.shape}, expected (1, {dim})")
-    arr = arr.reshape(dim)
-    _finite(arr, path, key)
-    return arr
+    return _float32(arr.reshape(dim), path, key)
+
+
+def _float32(arr: np.ndarray, path: str | Path, key: str,
+             frames: np.ndarray | None = None) -> np.ndarray:
+    """``arr`` as the store keeps it, float32, checked finite after the cast.
+
+    ``frames`` (T,): video frame indices of the rows, named in the message.
+    """
+    if arr.dtype == np.float32:
+        out = arr
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            out = arr.astype(np.float32)
+    if not np.isfinite(out).all():
+        _nonfinite(arr, out, path, key, frames)
+    return out
 
 
 def _finite(arr: np.ndarray, path: Path, key: str) -> None:
+    """Finite in its own dtype (for values the store keeps as float64)."""
     if not np.all(np.isfinite(arr)):
-        bad = np.argwhere(~np.isfinite(arr))
-        where = f" (first at index {tuple(int(i) for i in bad[0])})" if bad.size else ""
-        raise SourceError(path, f"key '{key}' holds NaN or inf values{where}")
+        _nonfinite(arr, arr, path, key)
+
+
+def _nonfinite(raw: np.ndarray, cast: np.ndarray, path: str | Path, key: str,
+               frames: np.ndarray | None = None) -> None:
+    """Raise the SourceError for the first non-finite value of ``cast`` (``raw`` cast)."""
+    i = tuple(int(j) for j in np.argwhere(~np.isfinite(cast))[0])
+    at = f"index {i}" if i else "its value"
+    if frames is not None and i:
+        at = f"frame {int(frames[i[0]])}, {at}"
+    value = raw[i]
+    if np.isfinite(value):
+        raise SourceError(path, f"key '{key}' holds a value beyond the float32 range the store "
+                          f"keeps ({float(value):.3g}, first at {at})")
+    raise SourceError(path, f"key '{key}' holds NaN or inf values (first at {at})")
 
 
 def _frame_indices(raw: np.ndarray, path: Path) -> np.ndarray:
@@ -202,7 +444,12 @@ def _frame_indices(raw: np.ndarray, path: Path) -> np.ndarray:
             raise SourceError(path, "key 'frames' holds non-integer values")
     elif not np.issubdtype(raw.dtype, np.integer):
         raise SourceError(path, f"key 'frames' has dtype {raw.dtype}, expected integers")
-    frames = raw.astype(np.int64)
+    with np.errstate(invalid="ignore"):
+        frames = raw.astype(np.int64)
+    # 1e300 or a uint64 beyond int64 does not survive the cast: say so, not "negative".
+    if np.issubdtype(raw.dtype, np.floating) and np.any(np.abs(raw) >= 2.0**63) \
+            or np.issubdtype(raw.dtype, np.unsignedinteger) and np.any(frames < 0):
+        raise SourceError(path, "key 'frames' holds values beyond the int64 range")
     if frames.size and frames.min() < 0:
         raise SourceError(path, f"key 'frames' holds a negative frame index {int(frames.min())}")
     if np.any(np.diff(frames) <= 0):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "torch", "gsplat")
+from rafmodel.config import BACKENDS
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""Reading per-frame BFM tracking (Multiview-3DMM-Fitting params.npz) at paper scale.
+
+Claim (docs/benchmarks.md, issue #12): reading the per-frame params.npz files of many
+sequences takes at most half the time of a plain single-threaded ``np.load`` loop over the
+same files on 2 cores. Paper scale is 249k files (415 participants x 4 sequences x 150
+frames); the default here is 20k files (34 participants), ``--full`` runs the paper scale.
+
+Measured in one run over one generated tree, every ratio against (a):
+
+(a) plain loop: for each sequence, list and sort its frame folders, ``np.load`` each
+    params.npz and take exp_coeff, pose and scale (no validation);
+(b) ``read_bfm_params`` per sequence, single-threaded (the lean npz reader, with validation);
+(c) ``read_trackings`` over the sequences of a NersembleSource, with ``--workers`` (2);
+(d) for the choice of pool only: ``read_bfm_params`` on a fork process pool of 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from common import SCRATCH, best_of, table, timed
+
+PAPER = (415, 4, 150)  # participants, sequences each, tracked frames each: 249k files
+DEFAULT = (34, 4, 150)  # 20.4k files, about a minute in all
+QUICK = (10, 4, 150)  # 6k files, for `bench/run.py --quick`
+
+
+def make_tree(participants: int, sequences: int, frames: int) -> tuple[Path, bool]:
+    """TRACK/{pid}/sequences/EXP-{s}/params/{frame:04d}/params.npz as Multiview-3DMM-Fitting
+    writes them (np.savez, uncompressed; id_coeff (1, 80), exp_coeff (1, 64), scale (1,),
+    pose (1, 6), float32), every third video frame; made once under SCRATCH and reused.
+    Returns (root, whether it was written now)."""
+    root = SCRATCH / f"tracking-{participants}x{sequences}x{frames}"
+    stamp = root / "tree.json"
+    if stamp.is_file():
+        return root, False
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    id_coeff = np.zeros((1, 80), np.float32)
+    scale = np.ones(1, np.float32)
+    for p in range(participants):
+        for s in range(sequences):
+            seq = root / f"{100 + p:03d}" / "sequences" / f"EXP-{s + 1}" / "params"
+            exp = rng.normal(size=(frames, 1, 64)).astype(np.float32)
+            pose = rng.normal(scale=0.1, size=(frames, 1, 6)).astype(np.float32)
+            for f in range(frames):
+                folder = seq / f"{3 * f:04d}"
+                folder.mkdir(parents=True)
+                buf = io.BytesIO()  # np.savez's own bytes, one write per file
+                np.savez(buf, id_coeff=id_coeff, exp_coeff=exp[f], scale=scale, pose=pose[f])
+                (folder / "params.npz").write_bytes(buf.getvalue())
+    stamp.write_text(json.dumps({"participants": participants, "sequences": sequences,
+                                 "frames": frames}))
+    return root, True
+
+
+def _param_folders(root: Path) -> list[Path]:
+    return sorted(root.glob("*/sequences/*/params"))
+
+
+def plain_loop(folders: list[Path]) -> int:
+    """(a): the baseline a user would write, np.load per file; returns the frames read."""
+    n = 0
+    for folder in folders:
+        names = sorted((d for d in os.listdir(folder) if d.isdigit()), key=int)
+        exp = np.empty((len(names), 64), np.float32)
+        pose = np.empty((len(names), 6), np.float32)
+        scale = np.empty(len(names), np.float32)
+        for row, name in enumerate(names):
+            with np.load(folder / name / "params.npz") as npz:
+                exp[row] = npz["exp_coeff"].reshape(64)
+                pose[row] = npz["pose"].reshape(6)
+                scale[row] = npz["scale"].reshape(())
+        n += len(names)
+    return n
+
+
+def lean_loop(folders: list[Path]) -> int:
+    """(b): our reader, one sequence after another."""
+    from rafdata.sources.tracking import read_bfm_params
+
+    return sum(len(read_bfm_params(f).frames) for f in folders)
+
+
+def pooled(root: Path, workers: int) -> int:
+    """(c): read_trackings over fresh sequence sources (their tracking cache is empty)."""
+    from rafdata.sources import NersembleSource, SourceOptions
+    from rafdata.sources.tracking import read_trackings
+
+    source = NersembleSource(root, SourceOptions(tracking_format="bfm"))
+    seqs = [s for pid in source.participants() for s in source.sequences(pid)]
+    seconds, trackings = timed(lambda: read_trackings(seqs, workers))
+    pooled.seconds = seconds  # the listing of participants and sequences is not timed
+    return sum(len(t.frames) for t in trackings)
+
+
+def _read_one(folder: Path) -> int:
+    from rafdata.sources.tracking import read_bfm_params
+
+    return len(read_bfm_params(folder).frames)
+
+
+def process_pool(folders: list[Path], workers: int) -> int:
+    """(d): the alternative to threads, fork processes each reading whole sequences."""
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return sum(pool.map(_read_one, folders, chunksize=8))
+
+
+def run(quick: bool = False, full: bool = False, workers: int = 2, repeat: int = 3) -> str:
+    shape = PAPER if full else QUICK if quick else DEFAULT
+    t_make, (root, made) = timed(lambda: make_tree(*shape))
+    folders = _param_folders(root)
+    files = len(folders) * shape[2]
+    expect = files
+
+    def checked(fn):
+        def call():
+            n = fn()
+            assert n == expect, f"read {n} frames, expected {expect}"
+        return call
+
+    def pool_call():
+        checked(lambda: pooled(root, workers))()
+        return pooled.seconds
+
+    base = best_of(repeat, checked(lambda: plain_loop(folders)))
+    lean = best_of(repeat, checked(lambda: lean_loop(folders)))
+    pool = min(pool_call() for _ in range(repeat))
+    procs = best_of(repeat, checked(lambda: process_pool(folders, workers)))
+    rows = [
+        ["(a) plain `np.load` loop, 1 thread", f"{base:.2f}", f"{files / base:,.0f}", "1.00"],
+        ["(b) `read_bfm_params`, 1 thread", f"{lean:.2f}", f"{files / lean:,.0f}",
+         f"{lean / base:.2f}"],
+        [f"(c) `read_trackings`, {workers} threads", f"{pool:.2f}", f"{files / pool:,.0f}",
+         f"{pool / base:.2f}"],
+        [f"(d) `read_bfm_params` on {workers} fork processes", f"{procs:.2f}",
+         f"{files / procs:,.0f}", f"{procs / base:.2f}"],
+    ]
+    p, s, f = shape
+    return "\n\n".join([
+        "## Per-frame BFM tracking (params.npz)",
+        f"{files:,} Multiview-3DMM-Fitting `params/{{frame}}/params.npz` files ({p} "
+        f"participants x {s} sequences x {f} frames{', paper scale' if full else ''}), "
+        f"read warm from the page cache; best of {repeat}; the tree was "
+        f"{f'written in {t_make:.0f} s' if made else 'reused'}. Target: (c) <= 0.50 "
+        f"of (a) on 2 cores. {os.cpu_count()} cores here.",
+        table(["reader", "seconds", "files/s", "vs (a)"], rows),
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="paper scale: 249k files")
+    parser.add_argument("--quick", action="store_true", help="6k files")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="best of N runs")
+    args = parser.parse_args()
+    print(run(args.quick, args.full, args.workers, args.repeat))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

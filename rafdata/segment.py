@@ -1,0 +1,482 @@
+"""Segment files: the immutable units a store grows by.
+
+A segment is a complete, self-contained store file (same schema as docs/store.md, its own
+small tables with local row numbers, real image datasets) holding one unit of work: one
+sequence with images, or a group of coefficient-only sequences. It is written under a
+temporary name, made durable and renamed into ``store.h5.parts/``; from then on it is never
+modified. The main file references segments (``rafdata.merge``), so a unit is committed the
+moment its segment is renamed, and a process killed at any instant can cost only the unit it
+was writing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from rafdata import faults
+from rafdata.commit import fsync_dir, fsync_file
+from rafdata.errors import SourceError, StoreError
+from rafdata.store import (
+    _COLUMNS,
+    _IMAGE_COLUMNS,
+    _STR,
+    FORMAT,
+    FORMAT_VERSION,
+    POSE_DIM,
+    TABLES,
+    EncodedImage,
+    ImageCodec,
+    compression_options,
+    find_identity,
+    open_h5,
+)
+
+SEGMENT_SUFFIX = ".h5"
+SEGMENT_TMP = ".tmp"  # a segment being written: {name}.h5.tmp
+
+
+def parts_dir(store: str | Path) -> Path:
+    """The folder beside a store that holds its segment files: ``store.h5.parts``."""
+    store = Path(store)
+    return store.with_name(store.name + ".parts")
+
+
+def new_segment_name(order: Sequence[int | str] = ()) -> str:
+    """A unique file name; ``order`` only makes listings readable (merges sort by attribute)."""
+    stem = "-".join(str(o) for o in order) or "seg"
+    return f"{stem}-{os.getpid():x}-{os.urandom(4).hex()}{SEGMENT_SUFFIX}"
+
+
+@dataclass
+class SegmentContext:
+    """What a new segment must agree with: the store and the segments committed before it.
+
+    cameras: (identity name, serial) -> (K (3,3), world_to_cam (4,4)) already stored.
+    image_size: (H, W) of the store's images, or None before the first image.
+    """
+
+    compression: str
+    exp_space: str = ""
+    exp_dim: int = 0
+    image_size: tuple[int, int] | None = None
+    cameras: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    store: Path | None = None  # named in errors
+
+
+class SegmentWriter:
+    """Writes one new segment file; see :class:`rafdata.writer.StoreWriter` for the public API.
+
+    Rows are staged in memory and written once by :meth:`finish`; images go to the file as
+    they arrive (one chunk each), so memory stays bounded by a few frames.
+    """
+
+    def __init__(self, path: Path, ctx: SegmentContext, order: Sequence[int | str] = ()):
+        self.path = Path(path)
+        self.ctx = ctx
+        self.compression = ctx.compression
+        self.codec = ImageCodec(ctx.compression)
+        self.f = h5py.File(self.path, "w-", locking=False)
+        self._create_schema(order)
+        self.exp_space, self.exp_dim = ctx.exp_space, ctx.exp_dim
+        self.identities: list[str] = []
+        self._cameras: dict[tuple[int, str], int] = {}  # (local identity, serial) -> row
+        self._staged: dict[str, dict[str, list[np.ndarray]]] = {g: {} for g in TABLES}
+        self._staged_n = dict.fromkeys(TABLES, 0)
+        self._staged_cams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.done: list[tuple[str, str]] = []  # (identity, sequence) written here
+        self.image_size: tuple[int, int] | None = None  # (H, W) once images are written
+
+    # -- schema ----------------------------------------------------------------------------
+    def _create_schema(self, order: Sequence[int | str]) -> None:
+        f = self.f
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["exp_space"] = ""
+        f.attrs["exp_dim"] = 0
+        f.attrs["pose_dim"] = POSE_DIM
+        f.attrs["segment"] = True
+        f.attrs["segment_order"] = np.asarray([int(o) for o in order] or [0], np.int64)
+        for group, cols in _COLUMNS.items():
+            g = f.create_group(group)
+            g.attrs["rows"] = 0
+            for name, (dtype, shape, chunk) in cols.items():
+                g.create_dataset(
+                    name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                    chunks=(chunk, *shape), fletcher32=dtype is not _STR,
+                )
+        g = f.create_group("images")
+        g.attrs["rows"] = 0
+        for name, dtype in _IMAGE_COLUMNS.items():
+            g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(65536,),
+                             fletcher32=True)
+
+    # -- used by SequenceWriter --------------------------------------------------------------
+    @property
+    def store_path(self) -> Path:
+        return self.ctx.store or self.path
+
+    def identity_row(self, name: str) -> int | None:
+        return find_identity(self.identities, name)
+
+    def check_exp_space(self, exp_space: str, exp_dim: int, source: Path) -> None:
+        """Every vector in one store lives in one expression space; refuse a second one."""
+        if self.exp_space and (exp_space != self.exp_space or exp_dim != self.exp_dim):
+            raise SourceError(
+                source,
+                f"expression space {exp_space} ({exp_dim} dims) differs from the store's "
+                f"{self.exp_space} ({self.exp_dim} dims); one store holds one space",
+            )
+
+    def sequence(self, identity: str, name: str, held_out: bool, source: str) -> SequenceWriter:
+        return SequenceWriter(self, identity, name, held_out, source)
+
+    def _stage(self, group: str, **columns: np.ndarray) -> int:
+        """Queue rows for a table; returns the row index the first of them will get."""
+        start = self._staged_n[group]
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"columns of {group} differ in length: {lengths}")
+        for name, values in columns.items():
+            self._staged[group].setdefault(name, []).append(values)
+        self._staged_n[group] += lengths.pop()
+        return start
+
+    # -- finishing ---------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Write the staged tables, trim reserved image slots, close and fsync the file."""
+        f = self.f
+        for group, cols in self._staged.items():
+            for name, parts in cols.items():
+                _append(f[group][name], np.concatenate(parts))
+        for group in TABLES:
+            f[group].attrs["rows"] = self._staged_n[group]
+        im = f["images"]
+        for name in ("rgb", "mask"):  # reserved capacity beyond the last image
+            if name in im and im[name].shape[0] != self._staged_n["images"]:
+                im[name].resize(self._staged_n["images"], axis=0)
+        f.attrs["exp_space"] = self.exp_space
+        f.attrs["exp_dim"] = self.exp_dim
+        faults.point("segment-finish")
+        f.close()
+        self.f = None  # type: ignore[assignment]
+        fsync_file(self.path)
+
+    def discard(self) -> None:
+        if self.f is not None:
+            try:
+                self.f.close()
+            except Exception:  # noqa: BLE001 - a full disk can fail the close; the file goes
+                pass
+            self.f = None  # type: ignore[assignment]
+        self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def segment_file(folder: Path, ctx: SegmentContext,
+                 order: Sequence[int | str] = ()) -> Iterator[SegmentWriter]:
+    """Write a new segment in ``folder``: committed (renamed to its final name) on a clean
+    exit, deleted on any exception. ``writer.path`` is the final path afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / new_segment_name(order)
+    tmp = final.with_name(final.name + SEGMENT_TMP)
+    try:
+        seg = SegmentWriter(tmp, ctx, order)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(tmp, f"cannot create a segment file ({err})") from None
+    try:
+        yield seg
+        seg.finish()
+        faults.point("segment-publish")
+        os.replace(tmp, final)
+        fsync_dir(folder)
+        seg.path = final
+        faults.point("segment-published")
+    except BaseException:
+        seg.discard()
+        raise
+
+
+def read_segment_state(path: Path) -> dict[str, Any]:
+    """The small tables of a committed segment (or any self-contained store file).
+
+    Returns identities (list), sequences/cameras/timesteps/images (dicts of arrays up to each
+    table's ``rows``), attrs (root attributes) and image datasets' shapes.
+    """
+    from rafdata.store import _str_list
+
+    f = open_h5(path, "r")
+    try:
+        rows = {g: int(f[g].attrs.get("rows", 0)) for g in TABLES}
+        out: dict[str, Any] = {"rows": rows}
+        out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        out["identities"] = _str_list(f["identities/name"], rows["identities"])
+        for group in ("sequences", "cameras", "timesteps", "images"):
+            cols = {}
+            for name, ds in f[group].items():
+                if not isinstance(ds, h5py.Dataset) or name in ("rgb", "mask"):
+                    continue
+                if ds.dtype.kind == "O":
+                    cols[name] = np.array(_str_list(ds, rows[group]), dtype=object)
+                else:
+                    cols[name] = ds[: rows[group]]
+            out[group] = cols
+        im = f["images"]
+        out["image_shape"] = tuple(im["rgb"].shape) if "rgb" in im else None
+        out["mask_shape"] = tuple(im["mask"].shape) if "mask" in im else None
+        out["compression"] = im.attrs.get("compression", "")
+        if isinstance(out["compression"], bytes):
+            out["compression"] = out["compression"].decode()
+        return out
+    except (KeyError, OSError) as err:
+        raise StoreError(path, f"damaged segment file ({err.__class__.__name__}: {err}); "
+                         "delete it and rerun the ingest to redo its unit") from None
+    finally:
+        f.close()
+
+
+def _append(ds: h5py.Dataset, values: np.ndarray) -> int:
+    """Append rows to a resizable dataset; returns the first new row."""
+    start = ds.shape[0]
+    ds.resize(start + len(values), axis=0)
+    ds[start:] = values
+    return start
+
+
+def _write_chunk(ds: h5py.Dataset, row: int, image: EncodedImage) -> None:
+    """Write one image as chunk ``row``: raw bytes when pre-compressed, else through HDF5."""
+    if image.shape != ds.shape[1:]:
+        raise ValueError(f"image shape {image.shape} does not match {ds.shape[1:]}")
+    if image.payload is not None:
+        ds.id.write_direct_chunk((row,) + (0,) * (ds.ndim - 1), image.payload, 0)
+    else:
+        ds[row] = image.array
+
+
+class _ImageColumns:
+    """Growable per-slot image columns (timestep, camera, has_mask, crc, mask_crc)."""
+
+    def __init__(self, n: int):
+        self.cols = {
+            "timestep": np.full(n, -1, np.int64),
+            "camera": np.zeros(n, np.int32),
+            "has_mask": np.zeros(n, bool),
+            "crc": np.zeros(n, np.uint32),
+            "mask_crc": np.zeros(n, np.uint32),
+        }
+
+    def grow(self, n: int) -> None:
+        old = len(self.cols["timestep"])
+        if n <= old:
+            return
+        new = _ImageColumns(max(n, 2 * old))
+        for k, v in self.cols.items():
+            new.cols[k][:old] = v
+        self.cols = new.cols
+
+    def set(self, slot: int, timestep: int, camera: int, crc: int, mask_crc: int | None) -> None:
+        c = self.cols
+        c["timestep"][slot] = timestep
+        c["camera"][slot] = camera
+        c["crc"][slot] = crc
+        c["has_mask"][slot] = mask_crc is not None
+        c["mask_crc"][slot] = mask_crc or 0
+
+    def view(self, n: int) -> dict[str, np.ndarray]:
+        return {k: v[:n] for k, v in self.cols.items()}
+
+
+class SequenceWriter:
+    """Rows of one sequence being written; see :meth:`rafdata.writer.StoreWriter.sequence`."""
+
+    def __init__(self, w: SegmentWriter, identity: str, name: str, held_out: bool, source: str):
+        self.w = w
+        self.f = w.f
+        self.name = name
+        self.held_out = held_out
+        self.source = source
+        row = w.identity_row(identity)
+        if row is None:
+            row = w._stage("identities", name=np.array([identity], dtype=object))
+            w.identities.append(identity)
+        self.identity = row
+        self.identity_name = w.identities[row]
+        self.sequence = w._staged_n["sequences"]
+        self.timestep_start = w._staged_n["timesteps"]
+        self.image_start = w._staged_n["images"]
+        self.n_timesteps = 0
+        self.n_images = 0
+        # Per-image columns of this sequence, indexed by slot (row - image_start); written
+        # once at commit. timestep -1 marks a slot not filled yet.
+        self._rgb: h5py.Dataset | None = None
+        self._mask: h5py.Dataset | None = None
+        self._meta = _ImageColumns(0)
+
+    def add_timesteps(
+        self,
+        frames: np.ndarray,
+        exp: np.ndarray,
+        pose: np.ndarray,
+        scale: np.ndarray,
+        exp_space: str,
+    ) -> np.ndarray:
+        """Append T timesteps: frames (T,), exp (T,D), pose (T,6), scale (T,).
+
+        Returns their rows in /timesteps, shape (T,).
+        """
+        exp = np.asarray(exp, np.float32)
+        t = self.f["timesteps"]
+        dim = int(exp.shape[1])
+        self.w.check_exp_space(exp_space, dim, Path(self.source))
+        if "exp" not in t:
+            t.create_dataset("exp", shape=(0, dim), maxshape=(None, dim), dtype=np.float32,
+                             chunks=(max(1, 65536 // dim), dim), fletcher32=True)
+        self.w.exp_space, self.w.exp_dim = exp_space, dim
+        n = len(frames)
+        start = self.w._stage(
+            "timesteps",
+            frame=np.asarray(frames, np.int64),
+            identity=np.full(n, self.identity, np.int32),
+            sequence=np.full(n, self.sequence, np.int32),
+            exp=exp,
+            pose=np.asarray(pose, np.float32).reshape(n, POSE_DIM),
+            scale=np.asarray(scale, np.float32).reshape(n),
+        )
+        self.n_timesteps += n
+        return np.arange(start, start + n)
+
+    def camera(self, serial: str, K: np.ndarray, world_to_cam: np.ndarray) -> int:
+        """Row of /cameras for this identity's camera, added on first use.
+
+        A camera seen before must come with the same calibration (a store keeps one crop and
+        size per camera); a mismatch is a StoreError.
+        """
+        key = (self.identity, serial)
+        w = self.w
+        K = np.asarray(K, np.float64)
+        world_to_cam = np.asarray(world_to_cam, np.float64)
+        if key in w._cameras:
+            row = w._cameras[key]
+            old = w._staged_cams[row]
+        else:
+            row = None
+            old = w.ctx.cameras.get((self.identity_name, serial))
+        if old is not None and not (np.allclose(old[0], K, atol=1e-6)
+                                    and np.allclose(old[1], world_to_cam, atol=1e-6)):
+            raise StoreError(
+                w.store_path,
+                f"camera {serial} of identity {self.identity_name} is stored "
+                "with other intrinsics/extrinsics (different --crop/--size than before?)",
+            )
+        if row is not None:
+            return row
+        row = w._stage("cameras", serial=np.array([serial], dtype=object),
+                       identity=np.array([self.identity], np.int32), K=K[None],
+                       world_to_cam=world_to_cam[None])
+        w._cameras[key] = row
+        w._staged_cams[row] = (K, world_to_cam)
+        return row
+
+    def _image_datasets(self, height: int, width: int) -> None:
+        im = self.f["images"]
+        size = tuple(im["rgb"].shape[1:3]) if "rgb" in im else self.w.ctx.image_size
+        if size is not None:
+            h, w = size
+            if (h, w) != (height, width):
+                raise StoreError(
+                    self.w.store_path,
+                    f"images are {width}x{height} but the store holds {w}x{h}; pass "
+                    f"--size {w} {h} to resize on ingest",
+                )
+        if "rgb" in im:
+            return
+        opts = compression_options(self.w.compression, checksum=False)
+        im.create_dataset("rgb", shape=(0, height, width, 3), maxshape=(None, height, width, 3),
+                          dtype=np.uint8, chunks=(1, height, width, 3), **opts)
+        im.create_dataset("mask", shape=(0, height, width), maxshape=(None, height, width),
+                          dtype=np.uint8, chunks=(1, height, width), fillvalue=0, **opts)
+        im.attrs["compression"] = self.w.compression
+        self.w.image_size = (height, width)
+
+    def reserve_images(self, n: int, height: int, width: int) -> None:
+        """Make room for ``n`` more image slots of size (height, width).
+
+        Slots can then be filled in any order with :meth:`put_image`; rows keep slot order,
+        so parallel producers give the same store as a sequential run.
+        """
+        if self._rgb is None or self._rgb.shape[1:3] != (height, width):
+            self._image_datasets(height, width)  # creates them, or raises on a size mismatch
+            self._rgb, self._mask = self.f["images/rgb"], self.f["images/mask"]
+        total = self.n_images + n
+        for ds in (self._rgb, self._mask):
+            if ds.shape[0] < self.image_start + total:
+                # grow in steps: each resize touches HDF5 metadata
+                ds.resize(self.image_start + total + 64, axis=0)
+        self._meta.grow(total)
+        self.n_images = total
+
+    def put_image(self, slot: int, rgb: EncodedImage, mask: EncodedImage | None,
+                  timestep: int, camera: int) -> None:
+        """Fill reserved slot ``slot`` (0-based within this sequence) with one image."""
+        if not 0 <= slot < self.n_images:
+            raise IndexError(f"image slot {slot} not reserved ({self.n_images} are)")
+        row = self.image_start + slot
+        faults.point("image")
+        _write_chunk(self._rgb, row, rgb)
+        if mask is not None:
+            _write_chunk(self._mask, row, mask)
+        self._meta.set(slot, timestep, camera, rgb.crc, None if mask is None else mask.crc)
+
+    def add_images(
+        self,
+        rgb: np.ndarray | Sequence[EncodedImage],
+        mask: np.ndarray | Sequence[EncodedImage] | None,
+        timesteps: Sequence[int] | np.ndarray,
+        camera: int,
+    ) -> None:
+        """Append a batch of B images of one camera.
+
+        rgb: (B,H,W,3) uint8 or B EncodedImages from ``self.w.codec``; mask: (B,H,W) uint8, B
+        EncodedImages, or None where the source has no matte.
+        """
+        codec = self.w.codec
+        if isinstance(rgb, np.ndarray):
+            rgb = [codec.encode(im) for im in rgb]
+        if isinstance(mask, np.ndarray):
+            mask = [codec.encode(m) for m in mask]
+        first = self.n_images
+        self.reserve_images(len(rgb), *rgb[0].shape[:2])
+        for i, t in enumerate(timesteps):
+            self.put_image(first + i, rgb[i], None if mask is None else mask[i], int(t), camera)
+
+    def _finish(self) -> None:
+        """Stage this sequence's image columns and its /sequences row (committed by the
+        writer: at once, or with its group)."""
+        w = self.w
+        if self.n_images:
+            meta = self._meta.view(self.n_images)
+            empty = np.flatnonzero(meta["timestep"] < 0)
+            if empty.size:
+                raise StoreError(w.store_path, f"{empty.size} reserved image slots of sequence "
+                                 f"{self.name} were never written (first: slot {empty[0]})")
+            w._stage("images", **{k: v.copy() for k, v in meta.items()})
+        w._stage(
+            "sequences",
+            name=np.array([self.name], dtype=object),
+            identity=np.array([self.identity], np.int32),
+            held_out=np.array([self.held_out]),
+            timestep_start=np.array([self.timestep_start], np.int64),
+            timestep_count=np.array([self.n_timesteps], np.int64),
+            image_start=np.array([self.image_start], np.int64),
+            image_count=np.array([self.n_images], np.int64),
+            source=np.array([self.source], dtype=object),
+        )
+        w.done.append((self.identity_name, self.name))

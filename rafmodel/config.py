@@ -1,0 +1,243 @@
+"""Settings of the trainer as plain dataclasses, with their choice lists and defaults.
+
+Nothing here imports torch: the command line builds its options (choices, defaults, help)
+from these classes without paying for torch at start-up, and every other module imports
+them from here (``rafmodel.train.TrainConfig``, ``rafmodel.data.AugmentConfig``,
+``rafmodel.losses.LossConfig`` and ``rafmodel.strategy.DensifyConfig`` are the same objects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rafdata.errors import RafDataError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICES = ("auto", "cuda", "cpu")  # --device
+BACKENDS = ("auto", "torch", "gsplat")  # --backend (renderer)
+STRATEGIES = ("auto", "gsplat", "simple")  # --strategy (densification)
+MODES = ("raf", "vanilla", "noise")  # --aug
+SPLITS = ("train", "held_out")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """How the conditioning expression vector is chosen (``rafmodel train --aug ...``).
+
+    mode: "raf" | "vanilla" | "noise". p: probability of a swap per sample (raf). topk: swap
+    partner drawn uniformly from the ``topk`` nearest neighbours (1: always the nearest).
+    noise_std: standard deviation of the Gaussian noise per dimension, in expression units
+    (noise). bank: which ``/banks/{name}`` to read neighbours from (raf). seed: base seed of
+    the per-sample random streams.
+    """
+
+    mode: str = "raf"
+    p: float = 0.5
+    topk: int = 1
+    noise_std: float = 0.08
+    bank: str = "full"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"augmentation mode must be one of {', '.join(MODES)}, "
+                             f"not {self.mode!r}")
+        if not 0.0 <= float(self.p) <= 1.0:
+            raise ValueError(f"p must be in [0, 1], not {self.p}")
+        if int(self.topk) < 1:
+            raise ValueError(f"topk must be >= 1, not {self.topk}")
+        if not np.isfinite(self.noise_std) or self.noise_std < 0:
+            raise ValueError(f"noise_std must be a finite number >= 0, not {self.noise_std}")
+
+
+@dataclass
+class LossConfig:
+    """Weights and weight files of the reconstruction loss.
+
+    l1: weight of the mean absolute error. lpips: weight of LPIPS-VGG when the VGG16 trunk is
+    found (the paper: 0.1); 0 disables it without looking for weights. dssim: weight of
+    D-SSIM, used instead of LPIPS when the trunk is missing (or when lpips is 0).
+    vgg_weights / lpips_weights: explicit files (``--vgg-weights``); None -> the torchvision
+    cache / an installed package's heads.
+    """
+
+    l1: float = 1.0
+    lpips: float = 0.1
+    dssim: float = 0.2
+    vgg_weights: str | None = None
+    lpips_weights: str | None = None
+
+
+@dataclass
+class DensifyConfig:
+    """When and how to grow and prune (defaults: 3DGS/gsplat ``DefaultStrategy``).
+
+    refine_start, refine_stop, refine_every: steps (gsplat 500, 15000, 100; of 30k).
+    grow_grad2d: mean gradient threshold, gsplat units (see module doc) (gsplat 0.0002).
+    grow_scale3d: canonical max-std threshold, head radii, between clone (<=) and split (>)
+        (gsplat 0.01 x scene extent -> ours 0.1).
+    prune_scale3d: prune Gaussians larger than this, head radii (gsplat 0.1 x extent -> 1.0),
+        applied after the first opacity reset as in gsplat.
+    prune_scale2d: prune Gaussians whose screen radius exceeded this fraction of max(W, H)
+        since the last refinement; None = off (gsplat 0.15, off by default too).
+    prune_opacity: (gsplat 0.005). reset_every: opacity reset period, 0 = never (gsplat 3000).
+    split_samples: children per split (2), split_shrink: scale divisor (1.6).
+    max_gaussians: cap on N; growth keeps the highest-gradient candidates. None = no cap.
+    seed: of the split sampling.
+    """
+
+    refine_start: int = 500
+    refine_stop: int = 15_000
+    refine_every: int = 100
+    grow_grad2d: float = 0.0002
+    grow_scale3d: float = 0.1
+    prune_scale3d: float = 1.0
+    prune_scale2d: float | None = None
+    prune_opacity: float = 0.005
+    reset_every: int = 3000
+    split_samples: int = 2
+    split_shrink: float = 1.6
+    max_gaussians: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def for_iters(cls, iters: int, **overrides: Any) -> DensifyConfig:
+        """The 30k-step schedule shrunk to ``iters`` steps (refinement at least every 10
+        steps, so the gradient statistics average over several views)."""
+        f = iters / 30_000
+        every = max(10, round(100 * f))
+        sched = dict(refine_start=max(every, round(500 * f)), refine_stop=max(1, iters // 2),
+                     refine_every=every, reset_every=max(10 * every, round(3000 * f)))
+        return cls(**{**sched, **overrides})
+
+
+# Defaults that depend on the device: GHA-sized on a GPU, small enough on a CPU that the demo
+# trains a few hundred steps in minutes.
+GPU_DEFAULTS = {"iters": 100_000, "resolution": 512, "num_gaussians": 100_000, "mlp_width": 256}
+CPU_DEFAULTS = {"iters": 300, "resolution": 128, "num_gaussians": 3000, "mlp_width": 128}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as config.json in the run folder.
+
+    None means "pick by device" (GPU_DEFAULTS / CPU_DEFAULTS) or "derive" (out, densify).
+    """
+
+    store: str
+    subject: str
+    out: str | None = None  # default runs/{subject}-{aug}
+    aug: str = "raf"  # MODES
+    p: float = 0.5  # swap probability (paper: 0.5)
+    topk: int = 1  # raf: uniform over the k nearest (paper ablation: 5)
+    noise_std: float = 0.08  # noise baseline
+    bank: str = "full"
+    iters: int | None = None
+    seed: int = 0
+    device: str = "auto"  # DEVICES
+    backend: str = "auto"  # renderer, BACKENDS: auto = gsplat on CUDA, ours elsewhere
+    strategy: str = "auto"  # densification, STRATEGIES: auto = gsplat's DefaultStrategy on CUDA
+    batch_size: int = 1
+    workers: int | None = None  # DataLoader processes (None: cores - 1)
+    skip_corrupt: bool = False  # drop and count samples whose image is damaged, not stop
+    cameras: tuple[str, ...] | None = None
+    resolution: int | None = None  # longest image side rendered (images are resized to it)
+    num_gaussians: int | None = None
+    mlp_width: int | None = None
+    lr_net: float = 1e-4  # paper: Adam 1e-4 for the networks
+    lr_preset: str = "3dgs"  # per-Gaussian learning rates, see GaussianHeadAvatar.param_groups
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    log_every: int = 10
+    preview_every: int = 100
+    checkpoint_every: int = 1000
+    hull_views: int = 16  # views carved for the initial point cloud
+    loss: LossConfig = field(default_factory=LossConfig)
+    densify: DensifyConfig | None = None  # None: the 30k-step schedule scaled to iters
+
+    def validate(self) -> None:
+        """Raise RafDataError (one line) for settings no run could use, before anything is
+        written."""
+        problems = [f"{name} must be one of {', '.join(choices)} (got {value!r})"
+                    for name, value, choices in (("--aug", self.aug, MODES),
+                                                 ("--device", self.device, DEVICES),
+                                                 ("--backend", self.backend, BACKENDS),
+                                                 ("--strategy", self.strategy, STRATEGIES))
+                    if value not in choices]
+        if not 0.0 <= self.p <= 1.0:
+            problems.append(f"--p must be in [0, 1] (got {self.p})")
+        if not self.noise_std >= 0:
+            problems.append(f"--noise-std must be >= 0 (got {self.noise_std})")
+        at_least = {"--topk": (self.topk, 1), "--batch-size": (self.batch_size, 1),
+                    "--iters": (self.iters, 1), "--workers": (self.workers, 0),
+                    "--resolution": (self.resolution, 16),
+                    "--num-gaussians": (self.num_gaussians, 1),
+                    "--mlp-width": (self.mlp_width, 1), "--log-every": (self.log_every, 1),
+                    "--preview-every": (self.preview_every, 1),
+                    "--checkpoint-every": (self.checkpoint_every, 1)}
+        problems += [f"{name} must be >= {low} (got {value})"
+                     for name, (value, low) in at_least.items()
+                     if value is not None and value < low]
+        for name, path in (("--vgg-weights", self.loss.vgg_weights),
+                           ("--lpips-weights", self.loss.lpips_weights)):
+            if path is not None and not Path(path).is_file():
+                problems.append(f"{name} {path}: no such file")
+        if problems:
+            raise RafDataError(None, "; ".join(problems))
+
+    def resolved(self, device: torch.device) -> TrainConfig:
+        """A copy with every None filled in for ``device``."""
+        base = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+        cfg = replace(self, **{k: v for k, v in base.items() if getattr(self, k) is None})
+        if cfg.out is None:
+            cfg = replace(cfg, out=str(Path("runs") / f"{cfg.subject}-{cfg.aug}"))
+        if cfg.densify is None:
+            # On a CPU growth must stay within what the rasterizer handles in a step.
+            # (gsplat's strategy has no cap: asking for it on a CPU means growing freely)
+            cap = 3 * cfg.num_gaussians if device.type != "cuda" and cfg.strategy != "gsplat" \
+                else None
+            cfg = replace(cfg, densify=DensifyConfig.for_iters(cfg.iters, seed=cfg.seed,
+                                                               max_gaussians=cap))
+        return cfg
+
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(mode=self.aug, p=self.p, topk=self.topk, noise_std=self.noise_std,
+                             bank=self.bank, seed=self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cameras"] = list(self.cameras) if self.cameras else None
+        d["background"] = list(self.background)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["loss"] = LossConfig(**d.get("loss", {}))
+        d["densify"] = DensifyConfig(**d["densify"]) if d.get("densify") else None
+        d["cameras"] = tuple(d["cameras"]) if d.get("cameras") else None
+        d["background"] = tuple(d.get("background", (1.0, 1.0, 1.0)))
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def default(cls: type, name: str) -> Any:
+    """The declared default of dataclass field ``name`` (what the CLI shows and passes)."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+__all__ = ["BACKENDS", "CPU_DEFAULTS", "DEVICES", "GPU_DEFAULTS", "MODES", "SPLITS",
+           "STRATEGIES", "AugmentConfig", "DensifyConfig", "LossConfig", "TrainConfig",
+           "default"]
