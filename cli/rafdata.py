@@ -137,6 +137,31 @@ def ingest(src: Path, out: Path, layout, tracking_root, tracking_format, flame_e
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
+@click.option("--rebuild", is_flag=True,
+              help="Rebuild the main file's tables from every segment file (after damage); "
+                   "banks are kept where the old main file can still be read.")
+@click.option("--quiet", is_flag=True)
+def consolidate(store: Path, rebuild: bool, quiet: bool) -> None:
+    """Commit finished segments into STORE's main file (atomically); upgrade format-1 stores.
+
+    Ingest does this itself at its end; run it after a killed ingest or a distributed one
+    whose driver stopped, or with --rebuild when the main file is damaged.
+    """
+    from rafdata.merge import merge
+    from rafdata.store import store_files
+
+    if not store.exists() and len(store_files(store)) == 1:
+        raise RafDataError(store, "no such store file and no segment folder beside it")
+    report = merge(store, rebuild=rebuild)
+    if not quiet:
+        console.print(f"{store}: {'rebuilt from' if rebuild else 'merged'} "
+                      f"{len(report.merged)} segments ({report.sequences} sequences, "
+                      f"{report.images} images)")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("--verify", is_flag=True,
               help="Read every chunk (checksums) and check every invariant; exit 1 on failure.")

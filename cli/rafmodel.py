@@ -10,6 +10,17 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import FriendlyGroup, split_list
+from rafmodel.config import (  # torch-free: options come from the dataclasses
+    BACKENDS,
+    CPU_DEFAULTS,
+    DEVICES,
+    GPU_DEFAULTS,
+    MODES,
+    STRATEGIES,
+    LossConfig,
+    TrainConfig,
+    default,
+)
 
 console = Console(soft_wrap=True)  # long paths must stay on one line
 
@@ -21,8 +32,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
-              show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def env(device: str, as_json: bool) -> None:
     """Show the torch build, CUDA devices and which renderer a run would use."""
@@ -43,62 +53,75 @@ def env(device: str, as_json: bool) -> None:
     console.print(table)
 
 
+def _default(name: str):
+    return default(TrainConfig, name)
+
+
+def _by_device(name: str, what: str) -> str:
+    """Help for a setting whose default depends on the device (TrainConfig.resolved)."""
+    return f"{what} [default: {GPU_DEFAULTS[name]} on CUDA, {CPU_DEFAULTS[name]} on CPU]."
+
+
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--subject", required=True, help="Participant id to train, e.g. 388.")
-@click.option("--aug", type=click.Choice(["raf", "vanilla", "noise"]), default="raf",
-              show_default=True, help="RAF, or a baseline: no augmentation / random noise.")
-@click.option("--p", "p", type=float, default=0.5, show_default=True,
+@click.option("--aug", type=click.Choice(MODES), default=_default("aug"), show_default=True,
+              help="RAF, or a baseline: no augmentation / random noise.")
+@click.option("--p", "p", type=float, default=_default("p"), show_default=True,
               help="RAF: probability of swapping the expression vector.")
-@click.option("--topk", type=int, default=1, show_default=True,
+@click.option("--topk", type=int, default=_default("topk"), show_default=True,
               help="RAF: draw uniformly among the k nearest neighbours.")
-@click.option("--noise-std", type=float, default=0.08, show_default=True)
-@click.option("--bank", default="full", show_default=True, help="Bank with the neighbour table.")
-@click.option("--iters", type=int, default=None,
-              help="Training steps [default: 100000 on CUDA, 300 on CPU].")
+@click.option("--noise-std", type=float, default=_default("noise_std"), show_default=True)
+@click.option("--bank", default=_default("bank"), show_default=True,
+              help="Bank with the neighbour table.")
+@click.option("--iters", type=int, default=None, help=_by_device("iters", "Training steps"))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder [default: runs/SUBJECT-AUG].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+@click.option("--seed", type=int, default=_default("seed"), show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=_default("device"),
               show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "gsplat", "torch"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKENDS), default=_default("backend"),
               show_default=True, help="Renderer (auto: gsplat on CUDA, ours on CPU).")
-@click.option("--strategy", type=click.Choice(["auto", "gsplat", "simple"]), default="auto",
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=_default("strategy"),
               show_default=True, help="Densification: gsplat's DefaultStrategy (auto on CUDA "
               "with gsplat) or our equivalent (auto elsewhere).")
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--workers", type=int, default=None, help="Data loader processes.")
+@click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True)
+@click.option("--workers", type=int, default=_default("workers"),
+              help="Data loader processes [default: cores - 1, at most 8].")
+@click.option("--skip-corrupt", is_flag=True, default=_default("skip_corrupt"),
+              help="Skip and count samples whose stored image is damaged (CRC-32 mismatch, "
+              "undecodable chunk) instead of stopping; the count is in summary.json.")
 @click.option("--cameras", default=None, help="Only these camera serials.")
 @click.option("--resolution", type=int, default=None,
-              help="Longest rendered side [default: 512 on CUDA, 128 on CPU].")
+              help=_by_device("resolution", "Longest rendered side"))
 @click.option("--num-gaussians", type=int, default=None,
-              help="Initial Gaussians [default: 100000 on CUDA, 3000 on CPU].")
+              help=_by_device("num_gaussians", "Initial Gaussians"))
 @click.option("--mlp-width", type=int, default=None,
-              help="Width of the deformation MLPs [default: 256 on CUDA (GHA), 128 on CPU].")
+              help=_by_device("mlp_width", "Width of the deformation MLPs"))
 @click.option("--vgg-weights", type=click.Path(path_type=Path), default=None,
               help="torchvision VGG16 checkpoint for the LPIPS loss (default: torch hub cache).")
 @click.option("--lpips-weights", type=click.Path(path_type=Path), default=None,
               help="LPIPS linear heads (default: from an installed lpips/torchmetrics).")
-@click.option("--log-every", type=int, default=10, show_default=True)
-@click.option("--preview-every", type=int, default=100, show_default=True)
-@click.option("--checkpoint-every", type=int, default=1000, show_default=True)
+@click.option("--log-every", type=int, default=_default("log_every"), show_default=True)
+@click.option("--preview-every", type=int, default=_default("preview_every"), show_default=True)
+@click.option("--checkpoint-every", type=int, default=_default("checkpoint_every"),
+              show_default=True)
 @click.option("--quiet", is_flag=True)
 def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, seed, device,
-          backend, strategy, batch_size, workers, cameras, resolution, num_gaussians,
-          mlp_width, vgg_weights, lpips_weights, log_every, preview_every, checkpoint_every,
-          quiet) -> None:
+          backend, strategy, batch_size, workers, skip_corrupt, cameras, resolution,
+          num_gaussians, mlp_width, vgg_weights, lpips_weights, log_every, preview_every,
+          checkpoint_every, quiet) -> None:
     """Train SUBJECT's avatar from STORE with RAF (or a baseline)."""
     from rafdata.progress import RichProgress
-    from rafmodel.losses import LossConfig
-    from rafmodel.train import Runner, TrainConfig
+    from rafmodel.train import Runner
 
     cfg = TrainConfig(
         store=str(store), subject=subject, out=str(out) if out else None, aug=aug, p=p,
         topk=topk, noise_std=noise_std, bank=bank, iters=iters, seed=seed, device=device,
         backend=backend, strategy=strategy, batch_size=batch_size, workers=workers,
-        cameras=split_list(cameras), resolution=resolution, num_gaussians=num_gaussians,
-        mlp_width=mlp_width,
+        skip_corrupt=skip_corrupt, cameras=split_list(cameras), resolution=resolution,
+        num_gaussians=num_gaussians, mlp_width=mlp_width,
         log_every=log_every, preview_every=preview_every, checkpoint_every=checkpoint_every,
         loss=LossConfig(vgg_weights=str(vgg_weights) if vgg_weights else None,
                         lpips_weights=str(lpips_weights) if lpips_weights else None),
@@ -106,13 +129,8 @@ def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, see
     with RichProgress(quiet) as progress:
         runner = Runner(cfg, warn=progress.warn, resume=resume)
         if not quiet:
-            console.print_json(json.dumps({"train": runner.cfg.to_dict(),
-                                           "avatar": runner.avatar_cfg.to_dict()}))
-            console.print(f"[bold]{runner.out}[/]: {runner.cfg.aug} on {runner.dataset.subject}"
-                          f", {len(runner.dataset)} images, {runner.width}x{runner.height} on "
-                          f"{runner.device}, {runner.model.num_gaussians} Gaussians "
-                          f"({type(runner.strategy).__name__}); loss "
-                          f"{runner.loss_description}")
+            for line in runner.describe():
+                console.print(line, highlight=False)
         progress.start("training", runner.cfg.iters)
         progress.advance(runner.step)
 
@@ -124,7 +142,14 @@ def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, see
         summary = runner.train(report)
     if not quiet:
         console.print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s, realised "
-                      f"swap rate {summary['swap_rate']:.3f}; outputs in {runner.out}")
+                      f"swap rate {summary['swap_rate']:.3f}; outputs in {runner.out}",
+                      highlight=False)
+    if summary["skipped_corrupt"] or (summary["skip_corrupt"] and not quiet):
+        rows = summary["corrupt_rows"]
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        console.print(f"skipped {summary['skipped_corrupt']} samples with damaged images"
+                      + (f" ({len(rows)} images, rows {shown}; `rafdata inspect --verify` "
+                         "lists them)" if rows else ""), highlight=False)
 
 
 # Commands that live in their own modules (one module per area of the trainer).

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from cli.common import split_list
 from rafdata.errors import RafDataError
+from rafmodel.config import DEVICES
 
 
 def _fmt(v: object) -> str:
@@ -40,10 +41,13 @@ def _fmt(v: object) -> str:
 @click.option("--synth-root", default=None, type=click.Path(path_type=Path),
               help="The rafdata synth folder, if the store lacks the generator manifest.")
 @click.option("--no-videos", is_flag=True, help="Skip the mp4 videos and the PNG grid.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
+@click.option("--skip-corrupt", is_flag=True,
+              help="Skip and count stored frames that are damaged (CRC-32 mismatch, "
+              "undecodable chunk) instead of stopping; the count is in summary.json.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars (warnings still printed).")
 def eval_command(paths, out, cameras, drivers, frames, regressor, emotion, vgg_weights,
-                 lpips_weights, synth_root, no_videos, device, quiet):
+                 lpips_weights, synth_root, no_videos, skip_corrupt, device, quiet):
     """Self- and cross-driving metrics, videos and a grid for RUN... on STORE.
 
     PATHS: one or more run folders (or checkpoints) followed by the store, e.g.
@@ -60,7 +64,8 @@ def eval_command(paths, out, cameras, drivers, frames, regressor, emotion, vgg_w
                      emotion=emotion, vgg_weights=None if vgg_weights is None
                      else str(vgg_weights), lpips_weights=None if lpips_weights is None
                      else str(lpips_weights), synth_root=None if synth_root is None
-                     else str(synth_root), device=device, videos=not no_videos)
+                     else str(synth_root), device=device, videos=not no_videos,
+                     skip_corrupt=skip_corrupt)
     with RichProgress(quiet=quiet) as progress:
         summary = evaluate(runs, store, cfg, progress)
     console = Console()
@@ -78,6 +83,9 @@ def eval_command(paths, out, cameras, drivers, frames, regressor, emotion, vgg_w
         console.print(f"  {k}: {v}", highlight=False, soft_wrap=True)
     for note in summary["notes"]:
         console.print(f"note: {note}", highlight=False)
+    if summary["skip_corrupt"]:
+        console.print(f"skipped {summary['skipped_corrupt']} reads of damaged frames "
+                      f"({len(summary['corrupt_rows'])} images)", highlight=False)
     console.print(f"written to {summary['out']} (metrics.json, summary.json, "
                   f"{len(summary['videos'])} video(s), {len(summary['grids'])} grid(s))",
                   highlight=False)

@@ -10,8 +10,13 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import split_list
+from rafmodel.config import CROP_MODES, DEVICES, RegressorConfig, default
 
 console = Console(soft_wrap=True)
+
+
+def _default(name: str):
+    return default(RegressorConfig, name)
 
 
 def _table(title: str, numbers: dict) -> Table:
@@ -43,16 +48,16 @@ def _table(title: str, numbers: dict) -> Table:
               help="Identities evaluated later (never trained on), e.g. 388,422. Required.")
 @click.option("--no-exclude", is_flag=True,
               help="Train on every identity (the regressor then cannot fairly evaluate any).")
-@click.option("--iters", type=int, default=2000, show_default=True)
-@click.option("--size", type=int, default=128, show_default=True,
+@click.option("--iters", type=int, default=_default("iters"), show_default=True)
+@click.option("--size", type=int, default=_default("size"), show_default=True,
               help="Input side in pixels (face crop).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--crop", type=click.Choice(["mask", "full"]), default="mask", show_default=True,
+@click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True)
+@click.option("--lr", type=float, default=_default("lr"), show_default=True)
+@click.option("--crop", type=click.Choice(CROP_MODES), default=_default("crop"),
+              show_default=True,
               help="Crop to the matte's bounding box where the store has mattes, or never.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
-              show_default=True)
+@click.option("--seed", type=int, default=_default("seed"), show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True)
 def fit_regressor(store, out, exclude, no_exclude, iters, size, batch_size, lr, crop, seed,
@@ -65,7 +70,6 @@ def fit_regressor(store, out, exclude, no_exclude, iters, size, batch_size, lr, 
     """
     from rafdata.progress import RichProgress
     from rafmodel.device import select_device
-    from rafmodel.regressor import RegressorConfig
     from rafmodel.regressor import fit_regressor as fit
 
     excluded = split_list(exclude)

@@ -77,6 +77,8 @@ if TYPE_CHECKING:  # hnswlib and torch are imported where they are used: `rafdat
 
 BANKS_GROUP = "banks"
 HNSW_CRC_ATTR = "hnsw_crc32"  # attr of /banks/{name}: zlib.crc32 of the hnsw bytes
+# Datasets of a bank that the checks below read in full (Fletcher32 checked on every chunk).
+BANK_DATASETS = ("members", "hnsw", "neighbors/index", "neighbors/dist")
 # Groups of unfinished builds by older versions (which wrote /banks/.tmp-NAME in place, then
 # moved it). Readers never open them (a killed writer can leave one whose object header is
 # garbage: even deleting its link fails) and build_bank leaves them out of the rewritten file.
@@ -544,6 +546,37 @@ def bank_names(store: str | Path | Store) -> list[str]:
     """Names of the banks in a store, sorted (leftover ``.tmp-*`` groups are skipped)."""
     with _opened(store) as st:
         return sorted(n for n in _link_names(st.h5(), st.path) if not is_leftover(n))
+
+
+def bank_info(store: Store, name: str) -> dict[str, Any]:
+    """What ``inspect`` shows of a bank, from metadata only (nothing is checked or read in
+    bulk): the group's attrs, ``members`` (B), ``k`` and the neighbour attrs as
+    ``neighbors_*``. A bank whose objects cannot be opened gets ``error`` instead of failing."""
+    info: dict[str, Any] = {"name": name}
+    try:
+        g = store.h5()[BANKS_GROUP][name]
+        info.update({k: _plain(v) for k, v in g.attrs.items()})
+        info["name"] = name
+        if "members" in g:
+            info["members"] = int(g["members"].shape[0])
+        if "neighbors/index" in g and len(g["neighbors/index"].shape) == 2:
+            info["k"] = int(g["neighbors/index"].shape[1])
+        if "neighbors" in g:
+            info.update({f"neighbors_{k}": _plain(v) for k, v in g["neighbors"].attrs.items()})
+    except (KeyError, OSError, RuntimeError, TypeError, AttributeError) as err:
+        info["error"] = _one_line(err)
+    return info
+
+
+def _plain(v: Any) -> Any:
+    """An attribute value as JSON-ready Python."""
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    return v
 
 
 def _no_bank(name: str, names: list[str]) -> str:
@@ -1086,28 +1119,77 @@ def _write_bank(
     before hnswlib loads them). A write error (full disk, file-size limit) is one StoreError
     and the store is unchanged.
     """
+    new_bytes = sum(int(np.asarray(a).nbytes) for a in (members, nb_index, nb_dist))
+    if index_bytes is not None:
+        new_bytes += int(index_bytes.nbytes)
+    _check_free_space(path, new_bytes)
     exclude = (f"{BANKS_GROUP}/{name}", *leftovers)
+    try:
+        _rewrite_with_bank(path, exclude, name, members, index_bytes, nb_index, nb_dist,
+                           group_attrs, nb_attrs)
+    except RuntimeError as err:
+        # h5py reports some write failures (a full disk while flushing or closing) as
+        # RuntimeError; rewrite_main has discarded the copy, so the store is as it was.
+        raise StoreError(path, f"could not write the updated store ({_one_line(err)}); the "
+                               "store is unchanged") from None
+
+
+def _free_bytes(folder: Path) -> int:
+    """Bytes this process may still write in ``folder``'s filesystem."""
+    st = os.statvfs(folder)
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def _check_free_space(path: Path, new_bytes: int) -> None:
+    """Refuse (one StoreError, nothing written) when the rewritten main file cannot fit.
+
+    The rewrite needs room for a whole new main file beside the old one until the rename;
+    ``main file + new bank + 1 MiB`` is an upper bound (the replaced bank is not copied).
+    Checking first turns the usual case, a disk already (nearly) full, into a clean refusal
+    before HDF5 writes anything.
+    """
+    need = path.stat().st_size + new_bytes + (1 << 20)
+    try:
+        free = _free_bytes(path.resolve().parent)
+    except OSError:
+        return  # unknown: the write itself will tell
+    if free < need:
+        raise StoreError(path, f"not enough free space to rewrite the store: the new main "
+                               f"file needs about {need / 2**20:.1f} MiB beside the old one, "
+                               f"{free / 2**20:.1f} MiB are free; the store is unchanged")
+
+
+def _rewrite_with_bank(path: Path, exclude: tuple[str, ...], name: str, members: np.ndarray,
+                       index_bytes: np.ndarray | None, nb_index: np.ndarray,
+                       nb_dist: np.ndarray, group_attrs: dict[str, Any],
+                       nb_attrs: dict[str, Any]) -> None:
     with rewrite_main(path, exclude=exclude) as f:
+        # Every object stays referenced until the flush below: h5py closing a dataset whose
+        # chunks cannot be written (a full disk) only prints the error and leaves HDF5 in a
+        # state that can crash the process at exit; a flush raises it (one StoreError).
         g = f.require_group(BANKS_GROUP).create_group(name)
         members = np.asarray(members, np.int64)
-        g.create_dataset("members", data=members, chunks=(max(1, min(len(members), 1 << 16)),),
-                         fletcher32=True)
+        kept = [g.create_dataset("members", data=members,
+                                 chunks=(max(1, min(len(members), 1 << 16)),), fletcher32=True)]
         if index_bytes is not None:
             blob = np.ascontiguousarray(index_bytes, np.uint8)
-            g.create_dataset("hnsw", data=blob, chunks=(max(1, min(len(blob), 1 << 20)),),
-                             fletcher32=True)
+            kept.append(g.create_dataset("hnsw", data=blob,
+                                         chunks=(max(1, min(len(blob), 1 << 20)),),
+                                         fletcher32=True))
             group_attrs = {**group_attrs, HNSW_CRC_ATTR: zlib.crc32(blob)}
         nb = g.create_group("neighbors")
         t, k = nb_index.shape
         chunk_rows = max(1, min(t, 65536))
-        nb.create_dataset("index", data=np.asarray(nb_index, np.int64), chunks=(chunk_rows, k),
-                          fletcher32=True)
-        nb.create_dataset("dist", data=np.asarray(nb_dist, np.float32), chunks=(chunk_rows, k),
-                          fletcher32=True)
+        for key, data in (("index", np.asarray(nb_index, np.int64)),
+                          ("dist", np.asarray(nb_dist, np.float32))):
+            kept.append(nb.create_dataset(key, data=data, chunks=(chunk_rows, k),
+                                          fletcher32=True))
         for key, v in group_attrs.items():
             g.attrs[key] = v
         for key, v in nb_attrs.items():
             nb.attrs[key] = v
+        f.flush()
+        del kept
 
 
 class Bank:

@@ -13,6 +13,7 @@ Images, which are large, are not rewritten this way: they live in immutable segm
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import h5py
 
+from rafdata import faults
 from rafdata.errors import StoreError
 from rafdata.lock import WriterLock
 
@@ -49,6 +51,91 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def ensure_space(folder: str | Path, need: int, what: str) -> None:
+    """Refuse before writing ``need`` bytes into ``folder`` that cannot fit.
+
+    Checks the free space of the filesystem and the process's file-size limit (``ulimit
+    -f``). A write that fails midway is handled too (the temporary is discarded), but a
+    check first gives the plainer message. ``RAFDATA_SPACE_CHECK=0`` turns the check off so
+    the tests can exercise the failing writes themselves.
+    """
+    import resource
+
+    if os.environ.get("RAFDATA_SPACE_CHECK") == "0":
+        return
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if free is not None and need > free:
+        raise StoreError(folder, f"not enough space for {what}: needs about {_mib(need)}, "
+                         f"{_mib(free)} free; committed data is kept, free space and rerun")
+    if limit != resource.RLIM_INFINITY and need > limit:
+        raise StoreError(folder, f"{what} needs about {_mib(need)}, more than the file-size "
+                         f"limit of {_mib(limit)} (ulimit -f); committed data is kept")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class GuardedFile(io.FileIO):
+    """A file for HDF5's file-object driver that stops writing after its first failure.
+
+    When a write fails (full disk, file-size limit) HDF5 is told once; every later write is
+    dropped and reported as done. Without this, HDF5 retries its metadata writes while the
+    file's objects are closed and freed, and prints a traceback per object from C, or
+    crashes outright. The caller discards the file after any failure, so dropped writes never
+    reach a committed file.
+    """
+
+    failed: OSError | None = None
+
+    def write(self, b) -> int:
+        if self.failed is not None:
+            return len(memoryview(b))
+        try:
+            return super().write(b)
+        except OSError as err:
+            self.failed = err
+            raise
+
+    def flush(self) -> None:
+        if self.failed is None:
+            super().flush()
+
+
+@contextmanager
+def in_memory_file(path: str | Path) -> Iterator[h5py.File]:
+    """A new HDF5 file built in memory, written to ``path`` atomically on a clean exit.
+
+    For the main file, which holds tables and references but no images: building it in
+    memory means a full disk can only fail our own plain write of its bytes (a clean
+    OSError), never HDF5 halfway through its metadata.
+    """
+    path = Path(path)
+    f = h5py.File(f"{path.name}-in-memory", "w", driver="core", backing_store=False)
+    try:
+        yield f
+        f.flush()
+        image = f.id.get_file_image()
+    finally:
+        f.close()
+    with new_file(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(image)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+
 def temp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
 
@@ -66,8 +153,10 @@ def remove_temporaries(store: str | Path) -> list[Path]:
 def publish(tmp: Path, path: Path) -> None:
     """Make ``tmp`` durable, then rename it over ``path`` and make the rename durable."""
     fsync_file(tmp)
+    faults.point("main-publish")
     os.replace(tmp, path)
     fsync_dir(path.parent if str(path.parent) else ".")
+    faults.point("main-published")
 
 
 @contextmanager
@@ -133,13 +222,15 @@ def rewrite_main(store: str | Path, exclude: tuple[str, ...] = (),
         src = open_h5(store, "r")
         try:
             check_format(src, store)
-            with new_file(store) as tmp:
-                try:
-                    with h5py.File(tmp, "w", locking=False) as dst:
-                        copy_contents(src, dst, exclude)
-                        yield dst
-                except OSError as err:
-                    raise StoreError(store, f"could not write the updated store ({err}); "
-                                     "the store is unchanged") from None
+            ensure_space(store.parent, 2 * store.stat().st_size + (4 << 20), "the updated store")
+            try:
+                with in_memory_file(store) as dst:
+                    copy_contents(src, dst, exclude)
+                    yield dst
+                    faults.point("main-write")
+            except OSError as err:
+                raise StoreError(store, f"could not write the updated store "
+                                 f"({os.strerror(err.errno) if err.errno else err}); "
+                                 "the store is unchanged") from None
         finally:
             src.close()

@@ -4,8 +4,10 @@ Writers call :func:`point` at every step where a crash would leave a different s
 (a segment's image written, a segment about to be renamed, the main file about to be
 replaced, ...). With ``RAFDATA_FAULT=NAME:N`` in the environment the N-th (1-based) passage
 through point NAME kills the process with SIGKILL, exactly as an OOM killer or a power cut
-would stop it; ``RAFDATA_FAULT=list`` prints every point passed to stderr, which is how the
-tests enumerate them. Without the variable a point costs one dictionary lookup.
+would stop it; ``NAME:N:stop`` stops it with SIGSTOP instead (a test can then race a second
+process against it and resume it with SIGCONT). ``RAFDATA_FAULT=list`` prints every point
+passed to stderr, which is how the tests enumerate them. Without the variable a point costs
+one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import signal
 import sys
 
 _SPEC = os.environ.get("RAFDATA_FAULT", "")
-_NAME, _, _N = _SPEC.partition(":")
+_NAME, _, _REST = _SPEC.partition(":")
+_N, _, _ACTION = _REST.partition(":")
 _TARGET = int(_N) if _N.isdigit() else 0
 _seen: dict[str, int] = {}
 
@@ -31,4 +34,4 @@ def point(name: str) -> None:
         return
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] == _TARGET:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if _ACTION == "stop" else signal.SIGKILL)

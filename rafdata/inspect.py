@@ -15,7 +15,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from rafdata.bank import bank_names
+from rafdata.bank import (
+    BANK_DATASETS,
+    BANKS_GROUP,
+    bank_info,
+    bank_names,
+    bank_problems,
+    is_leftover,
+)
 from rafdata.errors import CorruptImageError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import TABLES, Store
@@ -27,8 +34,24 @@ def _storage(ds: h5py.Dataset) -> tuple[int, int]:
 
 
 def _datasets(group: h5py.Group) -> Iterator[tuple[str, h5py.Dataset]]:
+    """Every dataset under ``group`` (hard links), except inside leftover ``/banks/.tmp-*``
+    groups of older bank builds: a killed build can leave one whose object header is garbage,
+    so it is never opened (visititems would fail on it, and with it inspect)."""
     found: list[tuple[str, h5py.Dataset]] = []
-    group.visititems(lambda n, o: found.append((n, o)) if isinstance(o, h5py.Dataset) else None)
+
+    def visit(g: h5py.Group, prefix: str) -> None:
+        for name in g:
+            if prefix == f"{BANKS_GROUP}/" and is_leftover(name):
+                continue
+            if not isinstance(g.get(name, getlink=True), h5py.HardLink):
+                continue
+            obj = g[name]
+            if isinstance(obj, h5py.Dataset):
+                found.append((f"{prefix}{name}", obj))
+            elif isinstance(obj, h5py.Group):
+                visit(obj, f"{prefix}{name}/")
+
+    visit(group, "")
     yield from found
 
 
@@ -74,19 +97,7 @@ def summarize(store: Store) -> dict[str, Any]:
         if path != store.path:
             stored, raw = stored + s + s2, raw + r + r2
             file_bytes += path.stat().st_size
-    banks = []
-    if "banks" in f:
-        for name in bank_names(store):
-            g = f["banks"][name]
-            info = {k: _plain(v) for k, v in g.attrs.items()}
-            info["name"] = name
-            if "members" in g:
-                info["members"] = int(g["members"].shape[0])
-            if "neighbors/index" in g:
-                info["k"] = int(g["neighbors/index"].shape[1])
-                info.update({f"neighbors_{k}": _plain(v)
-                             for k, v in g["neighbors"].attrs.items()})
-            banks.append(info)
+    banks = [bank_info(store, name) for name in bank_names(store)]
     h, w = store.image_size or (0, 0)
     return {
         "path": str(store.path),
@@ -154,7 +165,9 @@ def verify(store: Store, progress: Progress | None = None) -> VerifyResult:
 
     # 1. every byte readable and matching its checksum: Fletcher32 on tables (HDF5 checks it
     # on read), CRC-32 of the content on images
-    datasets = [(n, ds) for n, ds in _datasets(f) if n not in ("images/rgb", "images/mask")]
+    # (bank datasets are read, checksums included, by the bank checks in check_invariants)
+    datasets = [(n, ds) for n, ds in _datasets(f)
+                if n not in ("images/rgb", "images/mask") and not _bank_dataset(n)]
     total = sum(_n_chunks(ds) for _, ds in datasets) + store.n_images
     progress.start("reading chunks", total)
     for name, ds in datasets:
@@ -283,50 +296,20 @@ def check_invariants(store: Store) -> list[str]:
     return out
 
 
-def _check_banks(store: Store) -> list[str]:
-    """Bank invariants: members in range and not held out, neighbours never same identity."""
-    f = store.h5()
-    out: list[str] = []
-    if "banks" not in f:
-        return out
-    ts, T = store.timesteps, len(store.timesteps)
-    held = store.sequences.held_out[ts.sequence] if T else np.zeros(0, bool)
-    for name in bank_names(store):
-        g = f["banks"][name]
-        where = f"/banks/{name}"
-        if "members" not in g:
-            out.append(f"{where}: no members")
-            continue
-        members = g["members"][:]
-        if ((members < 0) | (members >= T)).any():
-            out.append(f"{where}/members: rows out of range")
-            continue
-        if held[members].any():
-            out.append(f"{where}/members: {int(held[members].sum())} held-out timesteps in bank")
-        if "neighbors/index" not in g:
-            continue
-        index = g["neighbors/index"]
-        dist = g["neighbors/dist"]
-        if index.shape[0] != T or dist.shape != index.shape:
-            out.append(f"{where}/neighbors: shape {index.shape} does not match {T} timesteps")
-            continue
-        step = 65536
-        for a in range(0, T, step):
-            idx = index[a : a + step]
-            d = dist[a : a + step]
-            valid = idx >= 0
-            if ((idx >= T) & valid).any():
-                out.append(f"{where}/neighbors/index: rows out of range")
-                break
-            same = valid & (ts.identity[np.where(valid, idx, 0)] == ts.identity[a : a + step, None])
-            if same.any():
-                r = a + int(np.flatnonzero(same.any(axis=1))[0])
-                out.append(f"{where}/neighbors/index: a neighbour of the same identity "
-                           f"(timestep {r})")
-                break
-            dd = np.where(valid, d, np.inf)
-            if (np.diff(dd, axis=1) < -1e-6).any():
-                out.append(f"{where}/neighbors/dist: not ascending")
-                break
-    return out
+def _bank_dataset(path: str) -> bool:
+    """``banks/NAME/members`` etc.: the datasets that rafdata.bank reads and checks itself."""
+    parts = path.split("/", 2)
+    return len(parts) == 3 and parts[0] == BANKS_GROUP and parts[2] in BANK_DATASETS
 
+
+def _check_banks(store: Store) -> list[str]:
+    """Every bank's violations, one line each, from rafdata.bank (which owns /banks):
+    unreadable datasets and Fletcher32 / CRC-32 mismatches, missing members, tables or HNSW
+    index, members or neighbours out of range, negative or held out (a test-set leak),
+    neighbours of the same identity or outside the bank, and distances that are not
+    ascending or not those of the expression vectors. Leftover ``.tmp-*`` groups of older
+    builds are ignored."""
+    out: list[str] = []
+    for name in bank_names(store):
+        out.extend(bank_problems(store, name))
+    return out

@@ -17,6 +17,7 @@ into one where fewer files are wanted.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import h5py
 import numpy as np
 
 from rafdata import faults
-from rafdata.commit import new_file, remove_temporaries
+from rafdata.commit import ensure_space, in_memory_file, remove_temporaries
 from rafdata.errors import StoreError
 from rafdata.lock import WriterLock
 from rafdata.segment import SEGMENT_SUFFIX, parts_dir, read_segment_state
@@ -40,6 +41,7 @@ from rafdata.store import (
     POSE_DIM,
     _str_list,
     check_format,
+    create_column,
     find_identity,
     open_h5,
 )
@@ -241,29 +243,21 @@ def write_main(f: h5py.File, t: Tables, attrs: dict[str, Any], store: Path) -> N
         if group == "timesteps" and t.exp_dim:
             cols["exp"] = (np.float32, (t.exp_dim,), max(1, 65536 // max(1, t.exp_dim)))
         for name, (dtype, shape, chunk) in cols.items():
-            _table(g, name, t.column(group, name, dtype, shape), dtype, shape, chunk)
+            create_column(g, name, t.column(group, name, dtype, shape), dtype, shape, chunk)
         n_rows[group] = t.n[group]
     g = f.create_group("images")
     for name, dtype in _IMAGE_COLUMNS.items():
-        _table(g, name, t.column("images", name, dtype), dtype, (), 65536)
+        create_column(g, name, t.column("images", name, dtype), dtype, (), 65536)
     n_rows["images"] = t.n["images"]
     seg = f.create_group("segments")
     for name, dtype in SEGMENT_COLUMNS.items():
-        _table(seg, name, t.column("segments", name, dtype), dtype, (), 1024)
+        create_column(seg, name, t.column("segments", name, dtype), dtype, (), 1024)
     seg.attrs["rows"] = t.n["segments"]
     for group, n in n_rows.items():
         f[group].attrs["rows"] = n
     if t.image_shape is not None:
         _virtual_images(f, t, store)
         g.attrs["compression"] = t.compression
-
-
-def _table(g: h5py.Group, name: str, data: np.ndarray, dtype: Any, shape: tuple[int, ...],
-           chunk: int) -> None:
-    data = np.asarray(data, dtype=object if dtype is _STR else dtype)
-    data = data.reshape(len(data), *shape) if data.size else np.zeros((0, *shape), data.dtype)
-    g.create_dataset(name, data=data, dtype=dtype, maxshape=(None, *shape),
-                     chunks=(chunk, *shape), fletcher32=dtype is not _STR)
 
 
 def _virtual_images(f: h5py.File, t: Tables, store: Path) -> None:
@@ -333,27 +327,33 @@ def merge(store: str | Path, segments: Sequence[Path] | None = None,
             states.append((0 if p.name.startswith(LEGACY_PREFIX) else 1, segment_order(st),
                            p.name, p, st))
         states.sort(key=lambda x: x[:3])
+        carried: dict[str, Any] = {}
         for *_, p, st in states:
             _append_state(t, st, p, segment_name=p.name)
+            carried.update(json.loads(st["attrs"].get("store_attrs") or "{}"))
             report.merged.append(p.name)
             report.sequences += st["rows"]["sequences"]
             report.images += st["rows"]["images"]
         new_attrs = {k: v for k, v in old_attrs.items()
                      if k not in ("format", "format_version", "exp_space", "exp_dim")}
+        new_attrs.update(carried)
         new_attrs.update(attrs or {})
-        with new_file(store) as tmp:
-            try:
-                with h5py.File(tmp, "w", locking=False) as dst:
-                    write_main(dst, t, new_attrs, store)
-                    if store.exists():
-                        _copy_banks(store, dst)
-                    faults.point("main-write")
-            except OSError as err:
-                raise StoreError(store, f"could not write the updated main file ({err}); the "
-                                 "store is unchanged and the new units stay in "
-                                 f"{parts_dir(store).name}/ for the next run") from None
-            faults.point("main-publish")
-        faults.point("main-published")
+        table_bytes = sum(sum(a.nbytes for a in parts if a.dtype != object) for cols in
+                          t.cols.values() for parts in cols.values())
+        old_bytes = store.stat().st_size if store.exists() else 0
+        ensure_space(store.parent, old_bytes + 2 * table_bytes + (4 << 20),
+                     "the updated main file")
+        try:
+            with in_memory_file(store) as dst:
+                write_main(dst, t, new_attrs, store)
+                if store.exists():
+                    _copy_banks(store, dst)
+                faults.point("main-write")
+        except OSError as err:
+            raise StoreError(store, f"could not write the updated main file "
+                             f"({os.strerror(err.errno) if err.errno else err}); the "
+                             "store is unchanged and the new units stay in "
+                             f"{parts_dir(store).name}/ for the next run") from None
     return report
 
 

@@ -11,6 +11,7 @@ was writing.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ import h5py
 import numpy as np
 
 from rafdata import faults
-from rafdata.commit import fsync_dir, fsync_file
+from rafdata.commit import GuardedFile, ensure_space, fsync_dir
 from rafdata.errors import SourceError, StoreError
 from rafdata.store import (
     _COLUMNS,
@@ -35,6 +36,7 @@ from rafdata.store import (
     EncodedImage,
     ImageCodec,
     compression_options,
+    create_column,
     find_identity,
     open_h5,
 )
@@ -69,6 +71,9 @@ class SegmentContext:
     image_size: tuple[int, int] | None = None
     cameras: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     store: Path | None = None  # named in errors
+    # Root attributes of the store set by this writer (ingest history, synthetic manifest):
+    # every segment carries them, so they survive a run killed before its merge.
+    store_attrs: dict[str, str] = field(default_factory=dict)
 
 
 class SegmentWriter:
@@ -83,7 +88,8 @@ class SegmentWriter:
         self.ctx = ctx
         self.compression = ctx.compression
         self.codec = ImageCodec(ctx.compression)
-        self.f = h5py.File(self.path, "w-", locking=False)
+        self._fh = GuardedFile(self.path, "xb+")  # see GuardedFile: failures stay clean
+        self.f = h5py.File(self._fh, "w", locking=False)
         self._create_schema(order)
         self.exp_space, self.exp_dim = ctx.exp_space, ctx.exp_dim
         self.identities: list[str] = []
@@ -104,19 +110,9 @@ class SegmentWriter:
         f.attrs["pose_dim"] = POSE_DIM
         f.attrs["segment"] = True
         f.attrs["segment_order"] = np.asarray([int(o) for o in order] or [0], np.int64)
-        for group, cols in _COLUMNS.items():
-            g = f.create_group(group)
-            g.attrs["rows"] = 0
-            for name, (dtype, shape, chunk) in cols.items():
-                g.create_dataset(
-                    name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                    chunks=(chunk, *shape), fletcher32=dtype is not _STR,
-                )
-        g = f.create_group("images")
-        g.attrs["rows"] = 0
-        for name, dtype in _IMAGE_COLUMNS.items():
-            g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(65536,),
-                             fletcher32=True)
+        f.attrs["store_attrs"] = json.dumps(self.ctx.store_attrs)
+        for group in TABLES:  # columns are created by finish(), sized to their data
+            f.create_group(group).attrs["rows"] = 0
 
     # -- used by SequenceWriter --------------------------------------------------------------
     @property
@@ -153,10 +149,18 @@ class SegmentWriter:
     def finish(self) -> None:
         """Write the staged tables, trim reserved image slots, close and fsync the file."""
         f = self.f
-        for group, cols in self._staged.items():
-            for name, parts in cols.items():
-                _append(f[group][name], np.concatenate(parts))
-        for group in TABLES:
+        specs = {g: dict(c) for g, c in _COLUMNS.items()}
+        specs["identities"] = {"name": (_STR, (), 1024)}
+        if self.exp_dim:
+            specs["timesteps"]["exp"] = (np.float32, (self.exp_dim,),
+                                         max(1, 65536 // self.exp_dim))
+        specs["images"] = {k: (v, (), 65536) for k, v in _IMAGE_COLUMNS.items()}
+        for group, cols in specs.items():
+            for name, (dtype, shape, chunk) in cols.items():
+                parts = self._staged[group].get(name)
+                data = np.concatenate(parts) if parts else np.zeros(
+                    (0, *shape), object if dtype is _STR else dtype)
+                create_column(f[group], name, data, dtype, shape, chunk)
             f[group].attrs["rows"] = self._staged_n[group]
         im = f["images"]
         for name in ("rgb", "mask"):  # reserved capacity beyond the last image
@@ -167,7 +171,11 @@ class SegmentWriter:
         faults.point("segment-finish")
         f.close()
         self.f = None  # type: ignore[assignment]
-        fsync_file(self.path)
+        if self._fh.failed is not None:
+            raise self._fh.failed
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
 
     def discard(self) -> None:
         if self.f is not None:
@@ -176,6 +184,7 @@ class SegmentWriter:
             except Exception:  # noqa: BLE001 - a full disk can fail the close; the file goes
                 pass
             self.f = None  # type: ignore[assignment]
+        self._fh.close()
         self.path.unlink(missing_ok=True)
 
 
@@ -190,7 +199,7 @@ def segment_file(folder: Path, ctx: SegmentContext,
     try:
         seg = SegmentWriter(tmp, ctx, order)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # FileExistsError cannot happen: the name is random
         raise StoreError(tmp, f"cannot create a segment file ({err})") from None
     try:
         yield seg
@@ -200,9 +209,20 @@ def segment_file(folder: Path, ctx: SegmentContext,
         fsync_dir(folder)
         seg.path = final
         faults.point("segment-published")
+    except OSError as err:  # a full disk, a file-size limit, an I/O error
+        seg.discard()
+        raise StoreError(ctx.store or folder, f"writing a segment failed ({_short(err)}); "
+                         "units committed before are kept: fix the cause and rerun") from None
     except BaseException:
         seg.discard()
         raise
+
+
+def _short(err: OSError) -> str:
+    """The OS's reason without HDF5's multi-line diagnostics."""
+    if err.errno:
+        return os.strerror(err.errno)
+    return str(err).splitlines()[0][:200]
 
 
 def read_segment_state(path: Path) -> dict[str, Any]:
@@ -241,14 +261,6 @@ def read_segment_state(path: Path) -> dict[str, Any]:
                          "delete it and rerun the ingest to redo its unit") from None
     finally:
         f.close()
-
-
-def _append(ds: h5py.Dataset, values: np.ndarray) -> int:
-    """Append rows to a resizable dataset; returns the first new row."""
-    start = ds.shape[0]
-    ds.resize(start + len(values), axis=0)
-    ds[start:] = values
-    return start
 
 
 def _write_chunk(ds: h5py.Dataset, row: int, image: EncodedImage) -> None:
@@ -333,12 +345,8 @@ class SequenceWriter:
         Returns their rows in /timesteps, shape (T,).
         """
         exp = np.asarray(exp, np.float32)
-        t = self.f["timesteps"]
         dim = int(exp.shape[1])
         self.w.check_exp_space(exp_space, dim, Path(self.source))
-        if "exp" not in t:
-            t.create_dataset("exp", shape=(0, dim), maxshape=(None, dim), dtype=np.float32,
-                             chunks=(max(1, 65536 // dim), dim), fletcher32=True)
         self.w.exp_space, self.w.exp_dim = exp_space, dim
         n = len(frames)
         start = self.w._stage(
@@ -412,6 +420,9 @@ class SequenceWriter:
         Slots can then be filled in any order with :meth:`put_image`; rows keep slot order,
         so parallel producers give the same store as a sequential run.
         """
+        # Worst case on disk: raw colour + matte; checked so a full disk fails here, cleanly.
+        ensure_space(self.w.path.parent, n * height * width * 4 + (1 << 20),
+                     f"{n} images of sequence {self.name}")
         if self._rgb is None or self._rgb.shape[1:3] != (height, width):
             self._image_datasets(height, width)  # creates them, or raises on a size mismatch
             self._rgb, self._mask = self.f["images/rgb"], self.f["images/mask"]

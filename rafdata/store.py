@@ -229,6 +229,18 @@ RECOVERY_HINT = ("`rafdata consolidate STORE --rebuild` rebuilds its tables from
                  "files (banks must then be built again)")
 
 
+def create_column(g: h5py.Group, name: str, data: np.ndarray, dtype: Any,
+                  shape: tuple[int, ...], chunk: int) -> h5py.Dataset:
+    """A table column holding ``data`` (rows of ``shape``), resizable, with Fletcher32 on
+    numbers. Chunks hold at most ``chunk`` rows and no more than the data needs: a column
+    of five rows must not cost a 512 KiB chunk in every segment file."""
+    data = np.asarray(data, dtype=object if dtype is _STR else dtype)
+    data = data.reshape(len(data), *shape) if data.size else np.zeros((0, *shape), data.dtype)
+    rows = max(1, min(chunk, len(data)))
+    return g.create_dataset(name, data=data, dtype=dtype, maxshape=(None, *shape),
+                            chunks=(rows, *shape), fletcher32=dtype is not _STR)
+
+
 def _str_list(ds: h5py.Dataset, n: int) -> list[str]:
     return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[:n]]
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from rafdata.commit import remove_temporaries
-from rafdata.errors import SourceError
+from rafdata.errors import SourceError, StoreError
 from rafdata.lock import WriterLock
 from rafdata.merge import (
     MergeReport,
@@ -152,11 +152,12 @@ class StoreWriter:
                 f"{self.exp_space} ({self.exp_dim} dims); one store holds one space",
             )
 
-    def set_attr(self, name: str, value: Any) -> None:
+    def set_attr(self, name: str, value: str) -> None:
         """A root attribute of the main file (e.g. the synthetic manifest), set at the next
-        merge."""
+        merge; segments written from now on carry it too."""
         self.attrs[name] = value
         self._new_attrs[name] = value
+        self.ctx.store_attrs[name] = str(value)
 
     # -- writing ---------------------------------------------------------------------------
     def _order(self, order: Sequence[int] | None) -> tuple[int, ...]:
@@ -220,6 +221,7 @@ class StoreWriter:
             report = merge(self.path, self.pending, attrs=self._new_attrs, lock=self._lock)
             self.pending = []
             self._new_attrs = {}
+            self.ctx.store_attrs = {}
         self.last_merge = time.monotonic()
         return report
 
@@ -229,8 +231,13 @@ class StoreWriter:
         if self._lock is None:
             return
         try:
-            if not failed or self.pending or self.path.exists():
+            if not failed:
                 self.commit()
+            elif self.pending:
+                try:
+                    self.commit()
+                except StoreError:
+                    pass  # the first error is the one to report; the next run merges
         finally:
             self._lock.release()
             self._lock = None  # type: ignore[assignment]

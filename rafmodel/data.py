@@ -165,18 +165,20 @@ class SubjectDataset(Dataset):
     need this: an exception raised in a worker reaches the trainer as a RuntimeError holding a
     traceback, not as the one-line store error. The trainer drops markers and counts them
     (:class:`CorruptSkips`) or re-raises the error in its own process (:meth:`raise_corrupt`).
+    ``verify_crc`` False skips the CRC-32 check (an undecodable chunk is still caught); only
+    to measure what the check costs (bench/bench_loader.py).
     """
 
     def __init__(self, store_path: str | Path, subject: str, augment: AugmentConfig | None = None,
                  split: str = "train", cameras: Sequence[str] | None = None, seed: int = 0,
-                 mark_corrupt: bool = False):
+                 mark_corrupt: bool = False, verify_crc: bool = True):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
         self.augment_cfg = augment or AugmentConfig()
         self.split = split
         self.seed = int(seed)
         self.epoch = 0
-        store = Store(store_path)  # refuses unknown format versions
+        store = Store(store_path, verify_crc=verify_crc)  # refuses unknown format versions
         try:
             self.identity = store.identity_index(subject)
             self.subject = store.identities[self.identity]

@@ -49,7 +49,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,10 +61,10 @@ from torch import Tensor, nn
 from rafdata.errors import RafDataError, StoreError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import POSE_DIM, Store, identity_matches
+from rafmodel.config import CROP_MODES, RegressorConfig  # torch-free, for the CLI
 
 CHECKPOINT_FORMAT = "rafmodel-regressor"
 CHECKPOINT_VERSION = 1
-CROP_MODES = ("mask", "full")
 
 # "package.module:factory" (dotted attribute path allowed after the colon).
 _PLUGIN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -179,73 +179,6 @@ def prepare_images(
 
 # --------------------------------------------------------------------------------------------
 # The built-in regressor
-
-
-@dataclass
-class RegressorConfig:
-    """How the built-in regressor is built and trained (``rafmodel fit-regressor`` options).
-
-    size: input side in pixels (images are cropped to a square, see the module docstring).
-    channels: output channels of the conv blocks; each block halves the resolution.
-    iters, batch_size, lr, weight_decay: AdamW steps on random batches of training images.
-    val_fraction: share of training timesteps held out for validation (whole timesteps).
-    max_images: at most this many training images are used (a seeded random subset), which
-    bounds memory: they are kept in memory at ``size`` x ``size`` uint8 (49 KB each at 128).
-    crop: "mask" (crop to the matte where the store has one) or "full" (always letterbox).
-    margin: the matte's bounding box is enlarged by this fraction. background: grey level.
-    augment: random scale/shift (+-8%) and brightness/contrast (+-10%) during training, so
-    small framing differences between store frames and renders do not matter.
-    colour_augment: also shuffle colour channels and desaturate at random, against a net that
-    recognises subjects by skin and hair colour (on synth data it changed nothing measurable).
-    seed: initialisation, split, subset and batches; the same seed gives the same weights on
-    the same CPU and thread count.
-    """
-
-    size: int = 128
-    channels: tuple[int, ...] = (32, 64, 128, 256)
-    iters: int = 2000
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    val_fraction: float = 0.2
-    max_images: int = 20000
-    crop: str = "mask"
-    margin: float = 0.1
-    background: float = 0.5
-    augment: bool = True
-    colour_augment: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)
-        problems = []
-        if self.size < 16:
-            problems.append(f"size must be >= 16, not {self.size}")
-        if not self.channels or min(self.channels) < 1:
-            problems.append("channels must be positive")
-        if self.iters < 1 or self.batch_size < 1:
-            problems.append("iters and batch size must be >= 1")
-        if not 0.0 < self.val_fraction < 1.0:
-            problems.append(f"val_fraction must be in (0, 1), not {self.val_fraction}")
-        if self.crop not in CROP_MODES:
-            problems.append(f"crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}")
-        if self.max_images < 2:
-            problems.append("max_images must be >= 2")
-        if not self.lr > 0 or not self.weight_decay >= 0:
-            problems.append(f"lr must be > 0 and weight_decay >= 0, not {self.lr} and "
-                            f"{self.weight_decay}")
-        if problems:
-            raise RafDataError(None, "invalid regressor config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RegressorConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class BuiltinRegressor(nn.Module):
@@ -789,7 +722,7 @@ def extract_features(fx: FeatureExtractor, images: Tensor, batch_size: int = 32)
 
 
 __all__ = [
-    "BuiltinRegressor", "CoefficientRegressor", "FeatureExtractor", "RegressorConfig",
+    "CROP_MODES", "BuiltinRegressor", "CoefficientRegressor", "FeatureExtractor", "RegressorConfig",
     "check_regressor", "coefficient_errors", "extract_features", "fit_regressor",
     "load_feature_extractor", "load_regressor", "prepare_images", "read_checkpoint", "regress",
     "save_regressor",

@@ -129,6 +129,26 @@ class Runner:
             self.strategy = self._make_strategy()
             self._write_config()
 
+    def describe(self) -> list[str]:
+        """A few lines saying what this run is (the CLI prints them; config.json has all)."""
+        c = self.cfg
+        aug = {"raf": f"raf: p {c.p}, uniform over the {c.topk} nearest of bank {c.bank!r}"
+                      if c.topk > 1 else f"raf: p {c.p}, nearest neighbour of bank {c.bank!r}",
+               "vanilla": "vanilla: no augmentation",
+               "noise": f"noise: N(0, {c.noise_std}^2) per dimension"}[c.aug]
+        start = f"resumed at step {self.step}" if self.step else "new"
+        return [
+            f"run {self.out} ({start}); all settings in {self.out / 'config.json'}",
+            f"subject {self.dataset.subject}: {len(self.dataset)} training images of {c.store}"
+            f", rendered at {self.width}x{self.height}",
+            f"aug {aug}",
+            f"{c.iters} steps of batch {c.batch_size} on {self.device} (renderer "
+            f"{resolve_backend(c.backend, self.device)}), {self.model.num_gaussians} Gaussians "
+            f"({type(self.strategy).__name__}); loss {self.loss_description}",
+            "damaged images: " + ("skipped and counted" if c.skip_corrupt
+                                  else "stop the run (--skip-corrupt to skip them)"),
+        ]
+
     # -- set-up ----------------------------------------------------------------------------
     def _check_out(self, resume: bool) -> None:
         started = (self.out / "config.json").exists()
@@ -386,26 +406,25 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over
     ``path``: readers see the old file or the whole new one, never a torn one. A temporary
     left by a crash is simply overwritten by the next save."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
+    return _atomic_write(Path(path), "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (as :func:`atomic_torch_save`)."""
-    path = Path(path)
+    return _atomic_write(Path(path), "w", lambda f: f.write(text))
+
+
+def _atomic_write(path: Path, mode: str, write: Callable[[Any], object]) -> Path:
     tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # best effort; a leftover is overwritten next time
+        raise
     _fsync_dir(path.parent)
     return path
 

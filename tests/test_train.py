@@ -127,8 +127,16 @@ def test_refusals_are_one_line(bfm_store, banked_store, tmp_path):
     for p in (proc,):
         assert "Traceback" not in p.stderr
     ok = _cli(str(banked_store), "--subject", "388", "--out", str(tmp_path / "w"),
-              "--resolution", "24", "--num-gaussians", "200", "--workers", "0", *base)
+              "--resolution", "24", "--num-gaussians", "200", "--workers", "0", "--iters", "1",
+              "--device", "cpu")
     assert ok.returncode == 0, ok.stderr
+    # a short summary on stdout, the full settings in the run folder
+    out_lines = ok.stdout.strip().splitlines()
+    assert len(out_lines) <= 8 and "{" not in ok.stdout, ok.stdout
+    assert "388" in out_lines[1] and "raf" in out_lines[2] and "cpu" in out_lines[3]
+    assert str(tmp_path / "w") in out_lines[0]
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert saved["train"]["iters"] == 1 and saved["train"]["num_gaussians"] == 200
     again = _cli(str(banked_store), "--subject", "388", "--out", str(tmp_path / "w"), *base)
     assert again.returncode == 2 and "--resume" in again.stderr
 
@@ -165,3 +173,132 @@ def test_bad_settings_refused_before_anything_is_written(banked_store, tmp_path,
     with pytest.raises(RafDataError, match=pattern):
         Runner(cfg, warn=lambda m: None)
     assert not out.exists()
+
+
+def _steps(out):
+    return [r["step"] for r in _metrics(out)]
+
+
+def test_resume_truncates_metrics_and_ignores_leftover_temp_files(bfm_store, tmp_path):
+    out = tmp_path / "run"
+    common = dict(store=str(bfm_store), subject="422", aug="vanilla", out=str(out),
+                  **{**TINY, "checkpoint_every": 3})
+
+    def crash_after_five(step, numbers):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Runner(TrainConfig(iters=8, **common), warn=lambda m: None).train(crash_after_five)
+    assert _steps(out) == [1, 2, 3, 4, 5]  # logged past the checkpoint of step 3
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step_0000003.pt"]
+    # what a crash in the middle of a save leaves: torn temporaries beside the checkpoints
+    (ckpts / "last.pt.tmp").write_bytes(b"torn")
+    (ckpts / "step_0000006.pt.tmp").write_bytes(b"torn")
+    resumed = Runner(TrainConfig(iters=8, **common), warn=lambda m: None, resume=True)
+    assert resumed.step == 3 and _steps(out) == [1, 2, 3]  # cut back to the checkpoint
+    resumed.train()
+    assert _steps(out) == list(range(1, 9))  # each step once
+    assert load_checkpoint(ckpts / "step_0000006.pt")["step"] == 6
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 8
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step_0000003.pt",
+                                                       "step_0000006.pt"]
+
+
+def test_checkpoints_are_replaced_atomically(bfm_store, tmp_path, monkeypatch):
+    import rafmodel.train as train_mod
+
+    out = tmp_path / "run"
+    runner = Runner(TrainConfig(store=str(bfm_store), subject="422", aug="vanilla", iters=4,
+                                out=str(out), **{**TINY, "checkpoint_every": 2}),
+                    warn=lambda m: None)
+    real_save = torch.save
+
+    def dies_mid_write(obj, f, *args, **kwargs):
+        if runner.step == 4:
+            f.write(b"half a checkpoint")
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        runner.train()
+    ckpts = out / "checkpoints"
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 2  # the old one, whole
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step_0000002.pt"]
+
+
+def test_truncate_metrics_keeps_one_row_per_step_up_to_the_checkpoint(tmp_path):
+    from rafmodel.train import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [1, 2, 3, 4, 3, 4, 5, 6]  # an older resume's repeats, then rows past the checkpoint
+    path.write_text("".join(json.dumps({"step": s, "n": i}) + "\n" for i, s in enumerate(rows))
+                    + '{"step": 7, "to')  # torn last line
+    assert truncate_metrics(path, 4) == 5
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["n"]) for r in kept] == [(1, 0), (2, 1), (3, 4), (4, 5)]
+    assert truncate_metrics(path, 4) == 0 and not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert truncate_metrics(tmp_path / "absent.jsonl", 3) == 0
+
+
+def test_strategies_share_the_protocol_and_leave_gsplat_unpatched():
+    from rafmodel.strategy import SimpleStrategy, Strategy, make_strategy
+
+    cpu = torch.device("cpu")
+    assert isinstance(make_strategy("simple", DensifyConfig(), 1.0, cpu), Strategy)
+    assert isinstance(SimpleStrategy(), Strategy)
+    pytest.importorskip("gsplat.strategy")
+    s = make_strategy("gsplat", DensifyConfig(), 1.0, cpu)
+    assert isinstance(s, Strategy)
+    assert not {"_grow_gs", "_prune_gs"} & set(vars(s.inner))  # gsplat's own methods
+
+
+def test_gsplat_strategy_matches_gsplats_own_step():
+    """GsplatStrategy drives DefaultStrategy's rules with gsplat's public ops: the Gaussians
+    it leaves are exactly those of gsplat's own ``step_post_backward`` (reset off: gsplat
+    1.5.3 never runs it), screen-size rules included."""
+    pytest.importorskip("gsplat.strategy")
+    import math
+
+    from rafmodel.strategy import GsplatStrategy
+    from rafmodel.train import make_optimizers
+    from tests.test_avatar import EXP_DIM, _render_view, make_model
+
+    def model():
+        torch.manual_seed(0)
+        m = make_model(n=150, zero_init_last=False)
+        with torch.no_grad():
+            m.gaussians["log_scales"][:20] += math.log(4.0)
+            m.gaussians["opacity_logit"][[5, 17, 29]] = -8.0
+        return m, make_optimizers(m, 1e-4, "3dgs")
+
+    cfg = DensifyConfig(refine_start=0, refine_stop=100, refine_every=2, grow_grad2d=1e-7,
+                        grow_scale3d=0.15, reset_every=0, prune_scale2d=0.05)
+    (ma, oa), (mb, ob) = model(), model()
+    ours, ref = GsplatStrategy(cfg, 1.0), GsplatStrategy(cfg, 1.0)
+    target = torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0))
+    exp = torch.randn(EXP_DIM, generator=torch.Generator().manual_seed(1))
+    grown = 0
+    for step in range(1, 5):
+        for m, opts, s in ((ma, oa, ours), (mb, ob, ref)):
+            torch.manual_seed(step)  # split sampling draws from the global generator
+            views = [_render_view(m, exp), _render_view(m, exp * 0.5)]
+            s.step_pre_backward(views)
+            (sum((v.image - target).abs().mean() for v in views) / 2).backward()
+            if s is ours:
+                info = s.step_post_backward(step, m, opts, views)
+                grown += info["cloned"] + info["split"]
+            else:
+                with torch.no_grad():
+                    params, gopts = s._params(m), s._optimizers(m, opts)
+                    s.inner.step_post_backward(params, gopts, s.state, step, s._info(views))
+                    s._write_back(m, params)
+            for o in opts.values():
+                o.step()
+                o.zero_grad()
+        assert ma.num_gaussians == mb.num_gaussians == info["n"], step
+        for k in ma.gaussians:
+            assert torch.equal(ma.gaussians[k], mb.gaussians[k]), (step, k)
+    assert grown > 0

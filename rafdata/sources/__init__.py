@@ -86,7 +86,8 @@ def open_source(
 ) -> Source:
     """Open a dataset root as a :class:`Source` of the given (or detected) layout.
 
-    ``warn`` receives one line per sequence skipped for lack of tracking (nersemble).
+    ``warn`` receives one line per thing the source passes over: a sequence without
+    tracking, a folder whose name cannot be used, a camera with an unusable calibration.
     """
     root = Path(root)
     options = options or SourceOptions()
@@ -98,4 +99,4 @@ def open_source(
         layout = detect_layout(root, options)
     if layout == "nersemble":
         return NersembleSource(root, options, warn=warn)
-    return GhaSource(root, options)
+    return GhaSource(root, options, warn=warn)

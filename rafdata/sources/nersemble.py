@@ -26,8 +26,16 @@ import numpy as np
 
 from rafdata import video
 from rafdata.errors import FrameCountError, SourceError
-from rafdata.geometry import CCM_TERMS
-from rafdata.sources.base import CameraCalib, Frame, SourceOptions, Tracking
+from rafdata.geometry import CCM_TERMS, check_calibration
+from rafdata.sources.base import (
+    CameraCalib,
+    Frame,
+    SourceOptions,
+    Tracking,
+    is_number,
+    name_problem,
+    shown,
+)
 from rafdata.sources.tracking import parse_flame_exp, read_bfm_params, read_flame_npz
 
 NOT_SEQUENCES = frozenset({"BACKGROUND"})  # background plates, never tracked or ingested
@@ -37,8 +45,10 @@ TRACKING_FORMATS = ("auto", "bfm", "flame")
 class NersembleSource:
     """A NeRSemble v2 dataset root (see the module docstring for the layout).
 
-    ``skipped`` collects one line per sequence folder passed over for lack of tracking
-    (e.g. GLASSES, HAIR); ``warn``, if given, is also called with each line.
+    ``skipped`` collects one line per thing passed over: a sequence folder without tracking
+    (e.g. GLASSES, HAIR), a folder whose name cannot be a participant, sequence, frame or
+    camera (``'422 '``, ``'①'``, not UTF-8), a camera with an unusable calibration;
+    ``warn``, if given, is also called with each line.
     Video decoding options come from ``options.extra``: "video_backend" (auto | decord | pyav)
     and "decode_threads" (int, 0 = decoder's choice).
     """
@@ -65,7 +75,8 @@ class NersembleSource:
             raise SourceError(None, str(exc)) from exc
         self.skipped: list[str] = []
         self._warn = warn
-        self._calib: dict[Path, dict[str, CameraCalib]] = {}
+        self._calib: dict[Path, tuple[dict[str, CameraCalib], dict[str, str]]] = {}
+        self._told: set[tuple[Path, str]] = set()  # bad cameras already warned about
         self._dirs: dict[int, tuple[str, Path | None, Path | None]] | None = None
 
     # -- participants and sequences ------------------------------------------------------
@@ -79,17 +90,27 @@ class NersembleSource:
 
     def _scan_participants(self) -> dict[int, tuple[str, Path | None, Path | None]]:
         found: dict[int, list] = {}
+        odd: set[Path] = set()  # SRC and TRACK may be one folder: say it once
 
         def scan(base: Path, markers: tuple[str, ...], slot: int) -> None:
             if not base.is_dir():
                 return
             for d in base.iterdir():
-                if d.name.isdigit() and d.is_dir() and any((d / m).is_dir() for m in markers):
-                    entry = found.setdefault(int(d.name), [d.name, None, None])
-                    if entry[slot] is not None and entry[slot] != d:
-                        raise SourceError(base, f"participant {int(d.name)} appears twice: "
-                                          f"{entry[slot].name} and {d.name}")
-                    entry[slot] = d
+                if not (d.is_dir() and any((d / m).is_dir() for m in markers)):
+                    continue  # not a participant folder (metadata, other tools' output)
+                if not is_number(d.name):
+                    # Laid out like a participant but not named by a number: '422 ' or '①'
+                    # would otherwise disappear without a word.
+                    if d not in odd:
+                        odd.add(d)
+                        self._skip(f"{base}: folder {shown(d.name)} skipped: a participant "
+                                   "folder is named by its number in ASCII digits")
+                    continue
+                entry = found.setdefault(int(d.name), [d.name, None, None])
+                if entry[slot] is not None and entry[slot] != d:
+                    raise SourceError(base, f"participant {int(d.name)} appears twice: "
+                                      f"{entry[slot].name} and {d.name}")
+                entry[slot] = d
 
         scan(self.root, ("calibration", "sequences"), 1)
         scan(self.tracking_root, ("sequences",), 2)
@@ -117,6 +138,11 @@ class NersembleSource:
         for base in (src, track):
             if base is not None and (base / "sequences").is_dir():
                 names.update(d.name for d in (base / "sequences").iterdir() if d.is_dir())
+        for seq in sorted(names):
+            problem = name_problem(seq)
+            if problem is not None:  # the store keeps the name: it must be usable text
+                names.discard(seq)
+                self._skip(f"{name}: sequence folder {shown(seq)} skipped: {problem}")
         wanted = set(self.options.sequences) if self.options.sequences is not None else None
         out = []
         for seq in sorted(names - NOT_SEQUENCES):
@@ -168,10 +194,21 @@ class NersembleSource:
     # -- calibration ----------------------------------------------------------------------
 
     def calibration(self, calib_dir: Path) -> dict[str, CameraCalib]:
-        """All calibrated cameras of one participant, read once and cached."""
+        """The usable calibrated cameras of one participant, read once and cached."""
+        return self._calibration(calib_dir)[0]
+
+    def _calibration(self, calib_dir: Path) -> tuple[dict[str, CameraCalib], dict[str, str]]:
+        """({serial: usable camera}, {serial: why its calibration is unusable})."""
         if calib_dir not in self._calib:
-            self._calib[calib_dir] = read_calibration(calib_dir)
+            bad: dict[str, str] = {}
+            self._calib[calib_dir] = read_calibration(calib_dir, bad), bad
         return self._calib[calib_dir]
+
+    def _skip_camera(self, calib_dir: Path, serial: str, problem: str) -> None:
+        """Warn once per participant and camera, however many sequences have its video."""
+        if (calib_dir, serial) not in self._told:
+            self._told.add((calib_dir, serial))
+            self._skip(f"{calib_dir / 'camera_params.json'}: camera {serial} skipped: {problem}")
 
 
 class NersembleSequence:
@@ -210,16 +247,32 @@ class NersembleSequence:
         return self.video_dir / "alpha_maps" / f"cam_{serial}.mp4" if self.video_dir else None
 
     def video_serials(self) -> list[str]:
-        """Serials with a video in this sequence (before the options.cameras filter)."""
+        """Serials with a video in this sequence (before the options.cameras filter).
+
+        A video whose serial cannot be a camera name (not UTF-8, stray spaces) is skipped
+        with a warning: it could never match a calibration entry anyway.
+        """
         if self.video_dir is None or not (self.video_dir / "images").is_dir():
             return []
-        return sorted(p.stem[len("cam_"):] for p in (self.video_dir / "images").glob("cam_*.mp4"))
+        serials = []
+        for p in sorted((self.video_dir / "images").glob("cam_*.mp4")):
+            serial = p.stem[len("cam_"):]
+            problem = name_problem(serial)
+            if problem is None:
+                serials.append(serial)
+            else:
+                self._source._skip(f"{p.parent}: video {shown(p.name)} skipped: "
+                                   f"camera {problem}")
+        return serials
 
     def cameras(self) -> list[CameraCalib]:
         """Cameras with a video here and a calibration, filtered by options.cameras, by serial.
 
-        Raises SourceError naming camera_params.json when it is missing or lacks a serial
-        that has a video. A sequence without videos has no cameras (and needs no calibration).
+        A camera whose calibration is unusable (:func:`rafdata.geometry.check_calibration`)
+        is skipped with one warning per participant naming camera_params.json, the serial and
+        the problem. Raises SourceError naming camera_params.json when it is missing, lacks a
+        serial that has a video, or when every camera with a video here is unusable. A
+        sequence without videos has no cameras (and needs no calibration).
         """
         serials = self.video_serials()
         wanted = self._source.options.cameras
@@ -229,20 +282,28 @@ class NersembleSequence:
         if not serials:
             return []
         calib_dir = self.calib_dir or self._source.root / self.participant / "calibration"
-        calib = self._source.calibration(calib_dir)
+        calib, bad = self._source._calibration(calib_dir)
         out = []
         for s in serials:
+            if s in bad:
+                self._source._skip_camera(calib_dir, s, bad[s])
+                continue
             if s not in calib:
                 raise SourceError(calib_dir / "camera_params.json",
                                   f"no calibration for camera {s}, which has video "
                                   f"{self.video_path(s)}")
             out.append(calib[s])
+        if not out:
+            first = serials[0]
+            raise SourceError(calib_dir / "camera_params.json",
+                              f"no camera with video in {self.participant}/{self.name} has a "
+                              f"usable calibration (camera {first}: {bad[first]})")
         return out
 
     def tracking(self) -> Tracking:
         if self._tracking is None:
             if self.tracking_kind == "bfm":
-                self._tracking = read_bfm_params(self.tracking_path)
+                self._tracking = read_bfm_params(self.tracking_path, warn=self._source._skip)
             else:
                 self._tracking = read_flame_npz(self.tracking_path, self._source.options.flame_exp)
         return self._tracking
@@ -299,11 +360,14 @@ class NersembleSequence:
         return (Frame(rgb=rgb, mask=m) for rgb, m in zip(rgbs, masks, strict=True))
 
 
-def read_calibration(calib_dir: Path) -> dict[str, CameraCalib]:
+def read_calibration(calib_dir: Path, bad: dict[str, str] | None = None) -> dict[str, CameraCalib]:
     """Parse camera_params.json (+ optional color_calibration.json) into {serial: CameraCalib}.
 
     Intrinsics are either one shared 3x3 (v2 download kit) or {serial: 3x3}
-    (mono_flame_avatar download); a serial without intrinsics is left out.
+    (mono_flame_avatar download); a serial without intrinsics is left out. A camera whose
+    K and world_to_cam fail :func:`rafdata.geometry.check_calibration` is left out too and,
+    when ``bad`` is given, recorded there as {serial: problem}. Raises SourceError naming
+    the file when it is malformed or when it has cameras but none is usable.
     """
     path = calib_dir / "camera_params.json"
     params = _load_json(path)
@@ -321,20 +385,33 @@ def read_calibration(calib_dir: Path) -> dict[str, CameraCalib]:
         if not isinstance(colors, dict):
             raise SourceError(cpath, "expected {serial: 3xT colour-correction matrix}")
     out = {}
+    problems: dict[str, str] = {}
     for serial, m in w2c.items():
         serial = str(serial)
-        if shared is not None:
-            K = shared
-        elif serial in intr:
-            K = _matrix(intr[serial], (3, 3), path, f"intrinsics/{serial}")
-        else:
+        if shared is None and serial not in intr:
+            continue
+        try:  # one camera's malformed or non-finite matrix costs that camera only
+            K = shared if shared is not None else _matrix(intr[serial], (3, 3), path,
+                                                          f"intrinsics/{serial}")
+            world_to_cam = _matrix(m, (4, 4), path, f"world_2_cam/{serial}")
+        except SourceError as err:
+            problems[serial] = err.problem
+            continue
+        problem = check_calibration(K, world_to_cam)
+        if problem is not None:
+            problems[serial] = problem
             continue
         color = None
         if serial in colors:
             color = _ccm(colors[serial], cpath, serial)
-        out[serial] = CameraCalib(serial=serial, K=K.copy(),
-                                  world_to_cam=_matrix(m, (4, 4), path, f"world_2_cam/{serial}"),
+        out[serial] = CameraCalib(serial=serial, K=K.copy(), world_to_cam=world_to_cam,
                                   color=color)
+    if problems and not out:
+        first = min(problems)
+        raise SourceError(path, f"no usable camera: all {len(problems)} calibrations are bad "
+                          f"(camera {first}: {problems[first]})")
+    if bad is not None:
+        bad.update(problems)
     return out
 
 
@@ -372,7 +449,8 @@ def _matrix(value, shape: tuple[int, int], path: Path, key: str) -> np.ndarray:
 
 
 def _as_int(name: str | int) -> int:
-    try:
-        return int(name)
-    except (TypeError, ValueError):
-        return -1  # matches no participant folder (those are digits only)
+    """A participant number from a folder name or a user's --participants entry; -1 (no
+    participant) unless it is ASCII digits (int() would take ' 17', '1_7' and '٣')."""
+    if isinstance(name, int):
+        return name
+    return int(name) if is_number(str(name)) else -1

@@ -20,7 +20,7 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -111,14 +111,24 @@ def read_bfm_params(folder: Path, warn: Callable[[str], None] | None = None) -> 
                     path=folder)
 
 
-def read_trackings(sequences: Sequence[SequenceSource], workers: int = 2) -> list[Tracking]:
-    """``[s.tracking() for s in sequences]``, read by ``workers`` threads, in the same order.
+TRACKING_THREADS = 4  # read_trackings' default: reads in flight, not cores (I/O bound cold)
+
+
+def read_trackings(sequences: Iterable[SequenceSource],
+                   workers: int = TRACKING_THREADS) -> list[Tracking]:
+    """``[s.tracking() for s in sequences]`` read by ``workers`` threads, in the same order.
 
     Raises the error of the first failing sequence in sequence order (not the first to fail
-    in time), like the plain loop would; sequences not started yet are then cancelled.
-    Threads, not processes: a sequence source holds callables (``warn``) and caches that do
-    not cross a process boundary, and warnings must reach the caller's progress. The work
-    overlaps where the GIL is released (open, read, stat); bench/bench_tracking.py measures it.
+    in time), as the plain loop would; sequences not started by then are cancelled.
+    ``workers`` <= 1 reads in the calling thread. Warnings a source gives while reading
+    (its ``warn``) come from the worker threads, so their order may differ from the loop's.
+
+    Threads, chosen by measurement (bench/bench_tracking.py, 20k params.npz on 2 cores):
+    from the page cache the reading is GIL-bound parsing and threads gain nothing, while a
+    fork process pool gains ~1.2-1.8x; from disk (a first ingest) 4 threads read ~2x faster
+    than one, as fast as processes. Processes would also have to pickle sources that hold
+    ``warn`` callables and caches, lose the warnings, and fork beside the progress bar's
+    refresh thread.
     """
     sequences = list(sequences)
     if workers <= 1 or len(sequences) <= 1:
@@ -228,7 +238,9 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError,
+            RuntimeError) as exc:
+        # NotImplementedError: a compression method zipfile lacks; RuntimeError: encrypted.
         raise SourceError(path, f"cannot read npz: {exc}") from exc
 
 
@@ -243,13 +255,14 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 # object or fortran-ordered arrays) goes to np.load, so errors read exactly as before.
 
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
-_CDIR = struct.Struct("<4s6H3L5H2L")  # central directory file header, 46 bytes
+_CDIR = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header, 46 bytes (zipfile's)
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header, 30 bytes
 _NPY_HEADER = re.compile(
     r"\{'descr': '([<>|=]?[biuf][0-9]{1,2})', 'fortran_order': False, "
     r"'shape': \(((?:[0-9]+, )*[0-9]*|[0-9]+,)\), \} *\n"
 )
 NPY_MAX_HEADER = 10000  # np.load's max_header_size default
+ZIP_MAX_VERSION = 63  # zipfile.MAX_EXTRACT_VERSION: newer members are refused there
 
 
 def read_npz_arrays(path: str | Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
@@ -271,21 +284,22 @@ def read_npz_arrays(path: str | Path, keys: Iterable[str]) -> dict[str, np.ndarr
 
 
 def _lean_npz(buf: bytes, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
-    """``keys`` read from an npz's bytes, or None for anything but the plain case."""
+    """``keys`` read from an npz's bytes, or None for anything but the plain case.
+
+    Every member is checked as np.load (which reads them all) would check it: local header
+    and name, bounds, CRC-32, .npy header; a file np.load refuses is never accepted here.
+    """
     members = _stored_members(buf)
     if members is None:
         return None
-    out = {}
-    for key in keys:
-        member = members.get(key + ".npy")
-        if member is None:
-            return None
-        offset, size, crc = member
-        if offset + _LOCAL.size > len(buf):
+    arrays: dict[str, np.ndarray] = {}
+    for name, raw_name, offset, size, crc, limit in members:
+        if offset + _LOCAL.size > limit:
             return None
         sig, _, _, _, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(buf, offset)
         start = offset + _LOCAL.size + name_len + extra_len
-        if sig != b"PK\x03\x04" or start + size > len(buf):
+        if sig != b"PK\x03\x04" or start + size > limit \
+                or buf[offset + _LOCAL.size:offset + _LOCAL.size + name_len] != raw_name:
             return None
         data = buf[start:start + size]
         if zlib.crc32(data) != crc:  # zipfile checks it too: a flipped bit is an error there
@@ -293,42 +307,52 @@ def _lean_npz(buf: bytes, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None
         arr = _npy(data)
         if arr is None:
             return None
-        out[key] = arr
-    return out
+        arrays[name[:-4] if name.endswith(".npy") else name] = arr
+    if any(key not in arrays for key in keys):
+        return None  # the caller's message lists the keys the file has: np.load's view
+    return {key: arrays[key] for key in keys}
 
 
-def _stored_members(buf: bytes) -> dict[str, tuple[int, int, int]] | None:
-    """{name: (local header offset, size, crc32)} of an uncompressed zip, None otherwise."""
-    end = buf.rfind(b"PK\x05\x06", max(0, len(buf) - _EOCD.size - 0xFFFF))
-    if end < 0 or end + _EOCD.size > len(buf):
+def _stored_members(buf: bytes) -> list[tuple[str, bytes, int, int, int, int]] | None:
+    """[(name, raw name, local header offset, size, crc32, end of the member's room)] of a
+    plain uncompressed zip, in file order; None for anything else."""
+    end = len(buf) - _EOCD.size  # numpy writes no archive comment
+    if end < 0 or buf[:4] != b"PK\x03\x04" or buf[end:end + 4] != b"PK\x05\x06" \
+            or buf[end - 20:end - 16] == b"PK\x06\x07":  # zip64 locator
         return None
-    _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(buf, end)
-    if disk or cd_disk or cd_offset == 0xFFFFFFFF or cd_offset + cd_size > end:
-        return None  # multi-disk or zip64: np.load knows these
-    members: dict[str, tuple[int, int, int]] = {}
+    _, disk, cd_disk, _, count, cd_size, cd_offset, comment_len = _EOCD.unpack_from(buf, end)
+    if disk or cd_disk or comment_len or cd_offset + cd_size != end:
+        return None  # multi-disk, or data before the archive (zipfile shifts offsets then)
+    entries = []
     pos = cd_offset
     for _ in range(count):
         if pos + _CDIR.size > end:
             return None
-        (sig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
-         _, _, _, offset) = _CDIR.unpack_from(buf, pos)
-        if sig != b"PK\x01\x02" or method != 0 or flags & 0x1 or csize != usize \
-                or usize == 0xFFFFFFFF or offset == 0xFFFFFFFF:
-            return None  # compressed, encrypted or zip64 member
+        (sig, _, _, version, _, flags, method, _, _, crc, csize, usize, name_len, extra_len,
+         comment_len, _, _, _, offset) = _CDIR.unpack_from(buf, pos)
+        if sig != b"PK\x01\x02" or method != 0 or flags & ~0x800 or csize != usize \
+                or extra_len or version > ZIP_MAX_VERSION:
+            return None  # compressed, encrypted, streamed, zip64 or newer than zipfile
+        raw_name = buf[pos + _CDIR.size:pos + _CDIR.size + name_len]
         try:
-            name = buf[pos + _CDIR.size:pos + _CDIR.size + name_len].decode(
-                "utf-8" if flags & 0x800 else "cp437")
+            name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
         except UnicodeDecodeError:
             return None
-        members[name] = (offset, usize, crc)  # a repeated name: the last wins, as in zipfile
-        pos += _CDIR.size + name_len + extra_len + comment_len
-    return members
+        entries.append((offset, name, raw_name, usize, crc))
+        pos += _CDIR.size + name_len + comment_len
+    if pos != end or len({e[1] for e in entries}) != len(entries):
+        return None  # a directory of another size than it says, or a repeated name
+    entries.sort()
+    # A member's data must end before the next member's header (zipfile: "overlapped").
+    limits = [e[0] for e in entries[1:]] + [cd_offset]
+    return [(name, raw, offset, size, crc, limit)
+            for (offset, name, raw, size, crc), limit in zip(entries, limits, strict=True)]
 
 
 def _npy(data: bytes) -> np.ndarray | None:
     """The array in a .npy file's bytes when its header is one numpy writes, else None."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
-        return None
+    if data[:6] != b"\x93NUMPY" or len(data) < 10 or data[7] != 0:
+        return None  # np.load knows versions (1, 0), (2, 0) and (3, 0) only
     major = data[6]
     if major == 1:
         (hlen,), start = struct.unpack_from("<H", data, 8), 10

@@ -1,0 +1,67 @@
+"""Self-driving: a run's subject rendered from its own held-out coefficients into the stored
+cameras and compared with the real frames (PSNR, SSIM, LPIPS)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from rafdata.progress import Progress
+from rafdata.store import Store
+from rafmodel.evaluate.config import EvalConfig
+from rafmodel.evaluate.frames import DamagedImages, target_frame
+from rafmodel.evaluate.metrics import average, frame_metrics, pick_frames
+from rafmodel.evaluate.runs import RunInfo, render_avatar
+from rafmodel.targets import render_K
+
+
+def evaluate_self(run: RunInfo, store: Store, cfg: EvalConfig, lpips, progress: Progress,
+                  reader: DamagedImages | None = None) -> dict[str, Any]:
+    """Self-driving metrics of one run on its subject's held-out frames (see the package doc).
+
+    reader: reads the frames and counts damaged ones (None: a fresh reader following
+    ``cfg.skip_corrupt``); frames it skips are not scored (``skipped_corrupt`` in the result).
+    """
+    reader = reader if reader is not None else DamagedImages(cfg.skip_corrupt)
+    ident = store.identity_index(run.subject)
+    serials = list(cfg.cameras) if cfg.cameras else None
+    rows = store.image_rows(identity=ident, held_out=True, serials=serials)
+    if len(rows) == 0:
+        progress.warn(f"{run.label}: subject {run.subject} has no held-out images in the store: "
+                      "no self-driving metrics")
+        return {"frames": 0, "note": "no held-out images of the subject in the store"}
+    steps = np.unique(store.image_timestep[rows])
+    keep = set(steps[pick_frames(len(steps), cfg.frames)].tolist())
+    rows = [int(r) for r in rows if int(store.image_timestep[r]) in keep]
+    per_cam: dict[str, list[dict[str, float]]] = {}
+    masked = []
+    skipped = 0
+    progress.start(f"self-driving {run.label}", len(rows))
+    for r in rows:
+        s = reader.read(store, r)
+        if s is None:  # damaged, and skip_corrupt
+            skipped += 1
+            progress.advance()
+            continue
+        target, mask = target_frame(s.rgb, s.mask, run.width, run.height, run.background)
+        K = render_K(s.K, store.image_size, run.width, run.height)
+        pred, _ = render_avatar(run, torch.from_numpy(np.asarray(s.exp, np.float32)),
+                                torch.from_numpy(np.asarray(s.pose, np.float32)),
+                                torch.tensor(s.scale), K,
+                                torch.from_numpy(np.asarray(s.world_to_cam, np.float32)),
+                                cfg.backend)
+        m = frame_metrics(pred[None], target[None], None if mask is None else mask[None], lpips)
+        per_cam.setdefault(s.serial, []).append({k: float(v[0]) for k, v in m.items()})
+        masked.append(mask is not None)
+        progress.advance()
+    all_rows = [x for v in per_cam.values() for x in v]
+    return {
+        "frames": len(all_rows),
+        "timesteps": len(keep),
+        "masked": "all" if all(masked) else ("none" if not any(masked) else "some"),
+        "skipped_corrupt": skipped,
+        "cameras": {k: {**average(v), "frames": len(v)} for k, v in per_cam.items()},
+        "mean": average(all_rows),
+    }
