@@ -107,10 +107,19 @@ def synth(out: Path, participants, sequences, cameras, frames, frame_step, width
               default=DEFAULT_COMPRESSION,
               show_default=True)
 @click.option("--strict", is_flag=True, help="Stop on a bad camera instead of skipping it.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run units as Ray tasks (a local Ray by default); --workers is then the "
+                   "decoding threads (Ray CPUs) per task, 1 by default.")
+@click.option("--address", default=None,
+              help="With --ray: the Ray cluster to join (e.g. 'auto' or ray://host:10001).")
+@click.option("--shard-dir", type=click.Path(path_type=Path), default=None,
+              help="With --ray: where tasks write their shards (a folder all nodes and the "
+                   "driver share); default: beside the store.")
 @click.option("--quiet", is_flag=True)
 def ingest(src: Path, out: Path, layout, tracking_root, tracking_format, flame_exp, participants,
            sequences, cameras, held_out, images_for, no_images, every, crop, size,
-           color_correct, workers, compression, strict, quiet) -> None:
+           color_correct, workers, compression, strict, use_ray, address, shard_dir,
+           quiet) -> None:
     """Ingest videos, calibration and tracking under SRC into the store OUT (resumable)."""
     from rafdata.ingest import IngestConfig, default_workers
     from rafdata.ingest import ingest as run_ingest
@@ -122,10 +131,18 @@ def ingest(src: Path, out: Path, layout, tracking_root, tracking_format, flame_e
         held_out=split_list(held_out) or (), images_for=split_list(images_for),
         no_images=no_images, every=every, crop=tuple(crop) if crop else None,
         size=tuple(size) if size else None, color_correct=color_correct,
-        workers=workers or default_workers(), compression=compression, strict=strict,
+        workers=workers or (1 if use_ray else default_workers()), compression=compression,
+        strict=strict,
     )
+    if (address or shard_dir) and not use_ray:
+        raise RafDataError(None, "--address and --shard-dir go with --ray")
     with RichProgress(quiet) as progress:
-        report = run_ingest(src, out, cfg, progress)
+        if use_ray:
+            from rafdata.distributed import ingest_distributed
+
+            report = ingest_distributed(src, out, cfg, progress, address, shard_dir)
+        else:
+            report = run_ingest(src, out, cfg, progress)
     if not quiet:
         console.print(
             f"{out}: wrote {len(report.written)} sequences ({report.timesteps} timesteps, "

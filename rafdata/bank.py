@@ -706,7 +706,7 @@ class _BankCheck:
             self.fail(f"/{key}", f"unreadable or checksum mismatch ({_one_line(err)})")
             return None
 
-    def run(self, hnsw: str, deep: bool) -> BankTables | None:
+    def run(self, deep: bool) -> BankTables | None:
         st = self.st
         try:
             g = st.h5()[BANKS_GROUP][self.name]
@@ -732,7 +732,7 @@ class _BankCheck:
                 self.fail("/neighbors", f"cannot be opened ({_one_line(err)})")
         if index is not None and dist is not None:
             self.check_tables(index, dist, members, held, nb_attrs, deep)
-        blob = self.check_hnsw(g, attrs, members, hnsw)
+        blob = self.check_hnsw(g, attrs, members)
         if self.problems or members is None or index is None or dist is None:
             return None
         return BankTables(self.name, members, index.astype(np.int64), dist.astype(np.float32),
@@ -796,15 +796,15 @@ class _BankCheck:
             self.fail("/neighbors/index", f"{int(leak.sum())} neighbours are held-out "
                                           f"timesteps, a test-set leak (first at timestep "
                                           f"{first_row(leak)})")
-        if members is not None:
-            stray = ok & ~leak & ~np.isin(safe, members)
-            if stray.any():
-                self.fail("/neighbors/index", f"{int(stray.sum())} neighbours are not bank "
-                                              f"members (first at timestep {first_row(stray)})")
         same = ok & (ts.identity[safe] == ts.identity[:, None])
         if same.any():
             self.fail("/neighbors/index", f"a neighbour of the same identity (timestep "
                                           f"{first_row(same)})")
+        if members is not None:
+            stray = ok & ~leak & ~same & ~np.isin(safe, members)
+            if stray.any():
+                self.fail("/neighbors/index", f"{int(stray.sum())} neighbours are not bank "
+                                              f"members (first at timestep {first_row(stray)})")
         d = dist.astype(np.float64)
         broken = ~np.isfinite(d) | (d < 0)
         if broken.any():
@@ -836,16 +836,14 @@ class _BankCheck:
             self.fail("/neighbors/dist", f"{wrong} distances differ from those of the expression "
                                          f"vectors (first at timestep {first})")
 
-    def check_hnsw(self, g: h5py.Group, attrs: dict[str, Any], members: np.ndarray | None,
-                   mode: str) -> np.ndarray | None:
-        """``mode``: "presence" (only that it exists where the attrs say HNSW) or "read"
-        (its bytes, CRC-32 and header too)."""
+    def check_hnsw(self, g: h5py.Group, attrs: dict[str, Any],
+                   members: np.ndarray | None) -> np.ndarray | None:
+        """The index bytes: present where the attrs say HNSW, CRC-32 (where stored) and
+        header matching the bank."""
         if not self.has(g, "hnsw"):
             if built_with_hnsw(attrs):
                 self.fail("/hnsw", "missing, but the bank was built with HNSW (attr exact is "
                                    "false)")
-            return None
-        if mode != "read":
             return None
         blob = self.read(g, "hnsw")
         if blob is None:
@@ -868,11 +866,11 @@ class _BankCheck:
         return blob
 
 
-def _check(st: Store, name: str, *, hnsw: str, deep: bool,
+def _check(st: Store, name: str, *, deep: bool,
            fail_fast: bool) -> tuple[BankTables | None, list[str]]:
     check = _BankCheck(st, name, fail_fast)
     try:
-        tables = check.run(hnsw, deep)
+        tables = check.run(deep)
     except _Stop:
         tables = None
     return tables, check.problems
@@ -886,18 +884,20 @@ def read_bank(store: str | Path | Store, name: str = "full", *, hnsw: bool = Fal
     members out of range, held out or listed twice, neighbour tables whose shape does not
     match /timesteps, negative or out-of-range entries, held-out neighbours (a test-set leak),
     neighbours outside the bank or of the query's own identity, distances not finite or not
-    ascending, and a bank built with HNSW that lost its index. ``hnsw``: also read the index
-    bytes and check their CRC-32 and header (:class:`Bank` does, before hnswlib loads them).
+    ascending, a bank built with HNSW that lost its index, and index bytes whose CRC-32 or
+    header do not match (every reader refuses the same damage, even one that does not use the
+    index). ``hnsw``: keep the index bytes in the result (:class:`Bank` loads them).
     """
     with _opened(store) as st:
         names = bank_names(st)
         if name not in names:
             raise StoreError(st.path, _no_bank(name, names))
-        tables, problems = _check(st, name, hnsw="read" if hnsw else "presence", deep=False,
-                                  fail_fast=True)
+        tables, problems = _check(st, name, deep=False, fail_fast=True)
         if problems or tables is None:
             problem = problems[0] if problems else f"/{BANKS_GROUP}/{name}: cannot be read"
             raise StoreError(st.path, f"{problem}; {_rebuild_hint(name)}")
+        if not hnsw:
+            tables.hnsw = None
         return tables
 
 
@@ -911,7 +911,7 @@ def bank_problems(store: Store, name: str) -> list[str]:
     """Every violation of the contract by bank ``name``, one line each (``inspect
     --verify``): :func:`read_bank`'s checks, the hnsw bytes' CRC-32, and the stored distances
     recomputed from the expression vectors."""
-    return _check(store, name, hnsw="read", deep=True, fail_fast=False)[1]
+    return _check(store, name, deep=True, fail_fast=False)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1116,80 +1116,31 @@ def _write_bank(
     without ``leftovers``) gets the new one, then is renamed over the store.
 
     Every dataset is chunked with Fletcher32; the hnsw bytes also get a CRC-32 attr (checked
-    before hnswlib loads them). A write error (full disk, file-size limit) is one StoreError
-    and the store is unchanged.
+    before hnswlib loads them). rewrite_main builds the new file in memory and refuses or
+    reports a full disk or a file-size limit as one StoreError, the store unchanged.
     """
-    new_bytes = sum(int(np.asarray(a).nbytes) for a in (members, nb_index, nb_dist))
-    if index_bytes is not None:
-        new_bytes += int(index_bytes.nbytes)
-    _check_free_space(path, new_bytes)
     exclude = (f"{BANKS_GROUP}/{name}", *leftovers)
-    try:
-        _rewrite_with_bank(path, exclude, name, members, index_bytes, nb_index, nb_dist,
-                           group_attrs, nb_attrs)
-    except RuntimeError as err:
-        # h5py reports some write failures (a full disk while flushing or closing) as
-        # RuntimeError; rewrite_main has discarded the copy, so the store is as it was.
-        raise StoreError(path, f"could not write the updated store ({_one_line(err)}); the "
-                               "store is unchanged") from None
-
-
-def _free_bytes(folder: Path) -> int:
-    """Bytes this process may still write in ``folder``'s filesystem."""
-    st = os.statvfs(folder)
-    return int(st.f_bavail) * int(st.f_frsize)
-
-
-def _check_free_space(path: Path, new_bytes: int) -> None:
-    """Refuse (one StoreError, nothing written) when the rewritten main file cannot fit.
-
-    The rewrite needs room for a whole new main file beside the old one until the rename;
-    ``main file + new bank + 1 MiB`` is an upper bound (the replaced bank is not copied).
-    Checking first turns the usual case, a disk already (nearly) full, into a clean refusal
-    before HDF5 writes anything.
-    """
-    need = path.stat().st_size + new_bytes + (1 << 20)
-    try:
-        free = _free_bytes(path.resolve().parent)
-    except OSError:
-        return  # unknown: the write itself will tell
-    if free < need:
-        raise StoreError(path, f"not enough free space to rewrite the store: the new main "
-                               f"file needs about {need / 2**20:.1f} MiB beside the old one, "
-                               f"{free / 2**20:.1f} MiB are free; the store is unchanged")
-
-
-def _rewrite_with_bank(path: Path, exclude: tuple[str, ...], name: str, members: np.ndarray,
-                       index_bytes: np.ndarray | None, nb_index: np.ndarray,
-                       nb_dist: np.ndarray, group_attrs: dict[str, Any],
-                       nb_attrs: dict[str, Any]) -> None:
     with rewrite_main(path, exclude=exclude) as f:
-        # Every object stays referenced until the flush below: h5py closing a dataset whose
-        # chunks cannot be written (a full disk) only prints the error and leaves HDF5 in a
-        # state that can crash the process at exit; a flush raises it (one StoreError).
         g = f.require_group(BANKS_GROUP).create_group(name)
         members = np.asarray(members, np.int64)
-        kept = [g.create_dataset("members", data=members,
-                                 chunks=(max(1, min(len(members), 1 << 16)),), fletcher32=True)]
+        g.create_dataset("members", data=members, chunks=(max(1, min(len(members), 1 << 16)),),
+                         fletcher32=True)
         if index_bytes is not None:
             blob = np.ascontiguousarray(index_bytes, np.uint8)
-            kept.append(g.create_dataset("hnsw", data=blob,
-                                         chunks=(max(1, min(len(blob), 1 << 20)),),
-                                         fletcher32=True))
+            g.create_dataset("hnsw", data=blob, chunks=(max(1, min(len(blob), 1 << 20)),),
+                             fletcher32=True)
             group_attrs = {**group_attrs, HNSW_CRC_ATTR: zlib.crc32(blob)}
         nb = g.create_group("neighbors")
         t, k = nb_index.shape
         chunk_rows = max(1, min(t, 65536))
-        for key, data in (("index", np.asarray(nb_index, np.int64)),
-                          ("dist", np.asarray(nb_dist, np.float32))):
-            kept.append(nb.create_dataset(key, data=data, chunks=(chunk_rows, k),
-                                          fletcher32=True))
+        nb.create_dataset("index", data=np.asarray(nb_index, np.int64), chunks=(chunk_rows, k),
+                          fletcher32=True)
+        nb.create_dataset("dist", data=np.asarray(nb_dist, np.float32), chunks=(chunk_rows, k),
+                          fletcher32=True)
         for key, v in group_attrs.items():
             g.attrs[key] = v
         for key, v in nb_attrs.items():
             nb.attrs[key] = v
-        f.flush()
-        del kept
 
 
 class Bank:

@@ -24,17 +24,19 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from rafdata.errors import FrameCountError, RafDataError, SourceError
 from rafdata.geometry import ImageTransform, color_correct
+from rafdata.lock import WriterLock
 from rafdata.progress import NullProgress, Progress
 from rafdata.resources import cores_available
 from rafdata.sources import open_source
 from rafdata.sources.base import CameraCalib, SequenceSource, SourceOptions, Tracking
 from rafdata.store import DEFAULT_COMPRESSION, ImageCodec, identity_matches
-from rafdata.writer import StoreWriter
+from rafdata.writer import SegmentSink, StoreWriter
 
 QUEUE_DEPTH = 4  # encoded frames buffered per decoding thread ahead of the writer
 
@@ -135,15 +137,32 @@ class _CameraFailed(Exception):
         self.error = error
 
 
+class UnitExecutor(Protocol):
+    """Runs the units of an ingest: here, in threads (:class:`LocalExecutor`), or as Ray
+    tasks (``rafdata.distributed``). Both write the same segments; the writer merges them."""
+
+    def prepare(self, store: Path, lock: WriterLock) -> None:
+        """Called holding the writer lock, before the store's state is read."""
+
+    def run(self, writer: StoreWriter, units: list[list[_Pending]], cfg: IngestConfig,
+            progress: Progress, report: IngestReport) -> None:
+        """Write every unit (a list of sequences committed together) through ``writer``."""
+
+
 def ingest(
     src: str | Path,
     out: str | Path,
     cfg: IngestConfig | None = None,
     progress: Progress | None = None,
+    executor: UnitExecutor | None = None,
 ) -> IngestReport:
-    """Ingest the source at ``src`` into the store ``out`` (created or appended to)."""
+    """Ingest the source at ``src`` into the store ``out`` (created or appended to).
+
+    executor: where units run (default: this process, decoding in threads).
+    """
     cfg = cfg or IngestConfig()
     progress = progress or NullProgress()
+    executor = executor or LocalExecutor()
     cfg.validate()
     t0 = time.perf_counter()
     report = IngestReport()
@@ -153,38 +172,57 @@ def ingest(
     if not sequences:
         raise SourceError(src, "no sequence with tracking found (check --tracking/--participants)")
 
-    with StoreWriter(out, compression=cfg.compression) as writer:
-        if writer.compression != cfg.compression:
-            progress.warn(f"{out}: the store's images use {writer.compression}; appending with "
-                          f"it (--compression {cfg.compression} applies to new stores only)")
-            cfg = replace(cfg, compression=writer.compression)  # the history says what was used
-        todo = []
-        for order, s in enumerate(sequences):
-            if writer.has_sequence(s.participant, s.name):
-                report.skipped.append(f"{s.participant}/{s.name}")
-            else:
-                todo.append((order, s))
-        pending = _read_tracking(todo, writer, cfg, progress)
-        _record_provenance(writer, src, cfg)
-        n_images = sum(int(p.frames_mask.sum()) * len(p.cameras) for p in pending)
-        if n_images:
-            progress.start("images", n_images)
-        with _Decoders(cfg, writer.codec, progress) as decoders:
-            decoders.order([p for p in pending if p.cameras])
-            for batch in _commit_units(pending):
-                # Sequences without images are tiny: commit them in groups, not one by one.
-                with writer.group(order=(batch[0].order,)) if len(batch) > 1 else nullcontext():
-                    results = [(p, _write_sequence(writer, p, cfg, progress, decoders))
-                               for p in batch]
-                for p, (t, n) in results:
-                    report.written.append(p.label)
-                    report.timesteps += t
-                    report.images += n
-                if time.monotonic() - writer.last_merge > MERGE_EVERY_S:
-                    writer.commit()  # readers see progress; committed units are safe anyway
+    with WriterLock(out) as lock:
+        executor.prepare(Path(out), lock)
+        with StoreWriter(out, compression=cfg.compression, lock=lock) as writer:
+            if writer.compression != cfg.compression:
+                progress.warn(f"{out}: the store's images use {writer.compression}; appending "
+                              f"with it (--compression {cfg.compression} applies to new stores "
+                              "only)")
+                cfg = replace(cfg, compression=writer.compression)  # the history says so
+            todo = []
+            for order, s in enumerate(sequences):
+                if writer.has_sequence(s.participant, s.name):
+                    report.skipped.append(f"{s.participant}/{s.name}")
+                else:
+                    todo.append((order, s))
+            pending = _read_tracking(todo, writer, cfg, progress)
+            _record_provenance(writer, src, cfg)
+            executor.run(writer, list(_commit_units(pending)), cfg, progress, report)
     report.warnings = list(getattr(progress, "warnings", []))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+class LocalExecutor:
+    """Units one after another in this process; cameras decode in a pool of threads."""
+
+    def prepare(self, store: Path, lock: WriterLock) -> None:
+        pass
+
+    def run(self, writer: StoreWriter, units: list[list[_Pending]], cfg: IngestConfig,
+            progress: Progress, report: IngestReport) -> None:
+        n_images = sum(int(p.frames_mask.sum()) * len(p.cameras) for u in units for p in u)
+        if n_images:
+            progress.start("images", n_images)
+        with _Decoders(cfg, writer.codec, progress) as decoders:
+            decoders.order([p for u in units for p in u if p.cameras])
+            for unit in units:
+                write_unit(writer, unit, cfg, progress, decoders, report)
+                if time.monotonic() - writer.last_merge > MERGE_EVERY_S:
+                    writer.commit()  # readers see progress; committed units are safe anyway
+
+
+def write_unit(writer: SegmentSink, unit: list[_Pending], cfg: IngestConfig,
+               progress: Progress, decoders: _Decoders, report: IngestReport) -> None:
+    """Write one unit as one segment: a sequence, or a group of image-less sequences."""
+    # Sequences without images are tiny: committed in groups, not one by one.
+    with writer.group(order=(unit[0].order,)) if len(unit) > 1 else nullcontext():
+        results = [(p, _write_sequence(writer, p, cfg, progress, decoders)) for p in unit]
+    for p, (t, n) in results:
+        report.written.append(p.label)
+        report.timesteps += t
+        report.images += n
 
 
 COEFFICIENT_GROUP = 64  # image-less sequences committed together
@@ -212,7 +250,7 @@ def _commit_units(pending: list[_Pending]) -> Iterator[list[_Pending]]:
 
 
 def _read_tracking(
-    todo: Sequence[tuple[int, SequenceSource]], writer: StoreWriter, cfg: IngestConfig,
+    todo: Sequence[tuple[int, SequenceSource]], writer: StoreWriter | None, cfg: IngestConfig,
     progress: Progress,
 ) -> list[_Pending]:
     """Read and validate the tracking of every pending sequence before writing anything."""
@@ -224,7 +262,8 @@ def _read_tracking(
     for order, s in todo:
         tr = s.tracking()
         dim = int(tr.exp.shape[1])
-        writer.check_exp_space(tr.exp_space, dim, tr.path)
+        if writer is not None:
+            writer.check_exp_space(tr.exp_space, dim, tr.path)
         if space is not None and (tr.exp_space, dim) != space[:2]:
             raise SourceError(
                 tr.path,
@@ -274,7 +313,7 @@ def _record_provenance(writer: StoreWriter, src: Path, cfg: IngestConfig) -> Non
 
 
 def _write_sequence(
-    writer: StoreWriter, p: _Pending, cfg: IngestConfig, progress: Progress,
+    writer: SegmentSink, p: _Pending, cfg: IngestConfig, progress: Progress,
     decoders: _Decoders,
 ) -> tuple[int, int]:
     """Write one sequence; cameras that fail are dropped (or stop the run with --strict)."""

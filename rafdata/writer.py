@@ -40,7 +40,71 @@ from rafdata.segment import (
 from rafdata.store import DEFAULT_COMPRESSION, ImageCodec, find_identity
 
 
-class StoreWriter:
+class SegmentSink:
+    """Writes units as segment files into a folder; the part of a writer a worker needs.
+
+    ``sequence`` and ``group`` commit each unit by renaming its finished segment into
+    ``folder``; ``written`` lists the segment files. No lock, no main file: a distributed
+    ingest worker writes its shard with this, and the driver (a :class:`StoreWriter`) takes
+    the finished shards in.
+    """
+
+    def __init__(self, folder: Path, ctx: SegmentContext):
+        self.folder = Path(folder)
+        self.ctx = ctx
+        self.codec = ImageCodec(ctx.compression)
+        self.written: list[Path] = []
+        self._grouped: SegmentWriter | None = None
+        self._session = time.time_ns()
+        self._counter = 0
+
+    # -- writing ---------------------------------------------------------------------------
+    def _order(self, order: Sequence[int] | None) -> tuple[int, ...]:
+        self._counter += 1
+        return tuple(order) if order is not None else (self._session, self._counter)
+
+    @contextmanager
+    def sequence(self, identity: str, name: str, held_out: bool, source: str | Path,
+                 order: Sequence[int] | None = None) -> Iterator[SequenceWriter]:
+        """Write one sequence; committed (as its own segment) on a clean exit, discarded on
+        any exception. Inside :meth:`group`, it joins the group's segment.
+
+        order: where the unit sorts among segments merged together (ingest passes its
+        position in the plan, so a resumed run keeps the uninterrupted run's row order).
+        """
+        if self._grouped is not None:
+            sw = self._grouped.sequence(identity, str(name), held_out, str(source))
+            yield sw
+            sw._finish()
+            return
+        with segment_file(self.folder, self.ctx, self._order(order)) as seg:
+            sw = seg.sequence(identity, str(name), held_out, str(source))
+            yield sw
+            sw._finish()
+        self._committed(seg)
+
+    @contextmanager
+    def group(self, order: Sequence[int] | None = None) -> Iterator[SegmentSink]:
+        """Commit all sequences written inside as one segment (all or none).
+
+        For many small sequences (coefficients only), where a segment per sequence would cost
+        more than the data; a crash loses at most the group.
+        """
+        if self._grouped is not None:
+            raise RuntimeError("groups do not nest")
+        with segment_file(self.folder, self.ctx, self._order(order)) as seg:
+            self._grouped = seg
+            try:
+                yield self
+            finally:
+                self._grouped = None
+        self._committed(seg)
+
+    def _committed(self, seg: SegmentWriter) -> None:
+        self.written.append(seg.path)
+
+
+class StoreWriter(SegmentSink):
     """Appends sequences to a store (created if missing), one committed unit at a time.
 
     Usage::
@@ -68,10 +132,7 @@ class StoreWriter:
         except BaseException:
             self._lock.release()
             raise
-        self.codec = ImageCodec(self.compression)
-        self._grouped: SegmentWriter | None = None
-        self._session = time.time_ns()
-        self._counter = 0
+        SegmentSink.__init__(self, parts_dir(self.path), self.ctx)
         self.last_merge = time.monotonic()
 
     def _open(self) -> None:
@@ -159,49 +220,8 @@ class StoreWriter:
         self._new_attrs[name] = value
         self.ctx.store_attrs[name] = str(value)
 
-    # -- writing ---------------------------------------------------------------------------
-    def _order(self, order: Sequence[int] | None) -> tuple[int, ...]:
-        self._counter += 1
-        return tuple(order) if order is not None else (self._session, self._counter)
-
-    @contextmanager
-    def sequence(self, identity: str, name: str, held_out: bool, source: str | Path,
-                 order: Sequence[int] | None = None) -> Iterator[SequenceWriter]:
-        """Write one sequence; committed (as its own segment) on a clean exit, discarded on
-        any exception. Inside :meth:`group`, it joins the group's segment.
-
-        order: where the unit sorts among segments merged together (ingest passes its
-        position in the plan, so a resumed run keeps the uninterrupted run's row order).
-        """
-        if self._grouped is not None:
-            sw = self._grouped.sequence(identity, str(name), held_out, str(source))
-            yield sw
-            sw._finish()
-            return
-        with segment_file(parts_dir(self.path), self.ctx, self._order(order)) as seg:
-            sw = seg.sequence(identity, str(name), held_out, str(source))
-            yield sw
-            sw._finish()
-        self._committed(seg)
-
-    @contextmanager
-    def group(self, order: Sequence[int] | None = None) -> Iterator[StoreWriter]:
-        """Commit all sequences written inside as one segment (all or none).
-
-        For many small sequences (coefficients only), where a segment per sequence would cost
-        more than the data; a crash loses at most the group.
-        """
-        if self._grouped is not None:
-            raise RuntimeError("groups do not nest")
-        with segment_file(parts_dir(self.path), self.ctx, self._order(order)) as seg:
-            self._grouped = seg
-            try:
-                yield self
-            finally:
-                self._grouped = None
-        self._committed(seg)
-
     def _committed(self, seg: SegmentWriter) -> None:
+        super()._committed(seg)
         self.pending.append(seg.path)
         ctx = self.ctx
         if seg.exp_space:
@@ -213,6 +233,11 @@ class StoreWriter:
             if find_identity(self.identities, identity) is None:
                 self.identities.append(identity)
             self._done.add((self.identities[find_identity(self.identities, identity)], name))
+
+    def adopt(self, segment: Path) -> None:
+        """Take in a segment committed by another process (a distributed ingest's task)."""
+        self._take_segment(read_segment_state(segment), self.ctx, self.ctx.cameras)
+        self.pending.append(segment)
 
     def commit(self) -> MergeReport:
         """Merge the segments committed so far into the main file (atomic)."""

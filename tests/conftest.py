@@ -63,3 +63,15 @@ def synth_copy(synth_bfm, tmp_path) -> Path:
     dst = tmp_path / "src"
     shutil.copytree(synth_bfm, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (2 CPUs), always shut down."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -400,3 +401,285 @@ def test_damaged_npz_is_named_as_such(tmp_path):
     with pytest.raises(SourceError, match="not an .npz archive") as err:
         read_bfm_params(folder)
     assert str(bad) in str(err.value)
+
+
+# -- numbers the store keeps: finite after the cast to float32 (issue #15) ---------------------
+
+
+@pytest.mark.parametrize("key, value, dtype", [
+    ("exp_coeff", 1e39, np.float64),
+    ("pose", -1e39, np.float64),
+    ("scale", 1e300, np.float64),
+    ("exp_coeff", np.inf, np.float32),
+])
+def test_bfm_values_beyond_float32(tmp_path: Path, key: str, value: float, dtype) -> None:
+    write_bfm_params(tmp_path / "p", [0, 1, 2])
+    bad = tmp_path / "p" / "0002" / "params.npz"
+    d = {k: v.astype(dtype) for k, v in np.load(bad).items()}
+    d[key].reshape(-1)[-1] = value
+    np.savez(bad, **d)
+    what = "beyond the float32 range" if np.isfinite(value) else "NaN or inf"
+    with pytest.raises(SourceError, match=rf"0002/params\.npz: key '{key}' holds .*{what}"):
+        read_bfm_params(tmp_path / "p")
+    # the largest float32 is fine, and stored as it is
+    d[key].reshape(-1)[-1] = float(np.finfo(np.float32).max)
+    np.savez(bad, **d)
+    tr = read_bfm_params(tmp_path / "p")
+    assert np.isfinite(tr.exp).all() and np.isfinite(tr.pose).all() and np.isfinite(tr.scale).all()
+
+
+def test_gha_tracking_beyond_float32(tmp_path: Path) -> None:
+    root = make_gha(tmp_path / "gha")
+    bad = root / "388" / "params" / "0001" / "params.npz"
+    d = {k: v.astype(np.float64) for k, v in np.load(bad).items()}
+    d["exp_coeff"][0, 5] = 1e39
+    np.savez(bad, **d)
+    (seq,) = open_source(root).sequences("388")
+    with pytest.raises(SourceError, match=r"0001/params\.npz: key 'exp_coeff' holds a value "
+                                          r"beyond the float32 range .*1e\+39.*index \(5,\)"):
+        seq.tracking()
+
+
+@pytest.mark.parametrize("key, index, pattern", [
+    ("expression", (2, 5), r"'expression' holds a value beyond the float32 range the store "
+                           r"keeps \(1e\+39, "
+                           r"first at frame 6, index \(2, 5\)\)"),
+    ("translation", (3, 0), r"'translation' holds a value beyond .*frame 9"),
+    ("scale", (0, 0), r"'scale' holds a value beyond the float32 range the store keeps "
+                      r"\(1e\+300"),
+    ("jaw", (1, 1), r"'jaw' holds NaN or inf values \(first at frame 3, index \(1, 1\)\)"),
+])
+def test_flame_values_beyond_float32(tmp_path: Path, key, index, pattern) -> None:
+    arrays = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v)
+              for k, v in flame_arrays([0, 3, 6, 9]).items()}
+    arrays[key][index] = np.nan if key == "jaw" else (1e300 if key == "scale" else 1e39)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(SourceError, match=rf"bad\.npz: key {pattern}"):
+        read_flame_npz(tmp_path / "bad.npz")
+
+
+def test_flame_frames_beyond_int64(tmp_path: Path) -> None:
+    arrays = flame_arrays([0, 3, 6, 9])
+    arrays["frames"] = np.array([0, 3, 6, 1e300])
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(SourceError, match="'frames' holds values beyond the int64 range"):
+        read_flame_npz(tmp_path / "bad.npz")
+
+
+def test_complex_and_text_coefficients_refused(tmp_path: Path) -> None:
+    write_bfm_params(tmp_path / "p", [0])
+    path = tmp_path / "p" / "0000" / "params.npz"
+    d = dict(np.load(path))
+    np.savez(path, **dict(d, pose=d["pose"].astype(np.complex64)))
+    with pytest.raises(SourceError, match=r"'pose' is not numeric \(dtype complex64\)"):
+        read_bfm_params(tmp_path / "p")
+    np.savez(path, **dict(d, scale=np.array(["1.0"])))
+    with pytest.raises(SourceError, match=r"'scale' is not numeric"):
+        read_bfm_params(tmp_path / "p")
+
+
+# -- calibration sanity (issue #15) -------------------------------------------------------------
+
+
+def _rot(axis: int, angle: float) -> np.ndarray:
+    return rodrigues(np.eye(3)[axis] * angle)
+
+
+@pytest.mark.parametrize("K, w2c, problem", [
+    (np.zeros((3, 3)), np.eye(4), "focal lengths fx=0, fy=0"),
+    (np.diag([100.0, -100.0, 1.0]), np.eye(4), "fx=100, fy=-100"),
+    (np.array([[100.0, 100.0, 16], [100.0, 100.0, 24], [0, 0, 1]]), np.eye(4), "singular"),
+    (np.array([[100.0, 0, 16], [0, 100.0, 24], [0, 0, 0]]), np.eye(4), r"last row \[0, 0, 0\]"),
+    (np.array([[np.nan, 0, 16], [0, 100.0, 24], [0, 0, 1]]), np.eye(4), "intrinsics hold NaN"),
+    (np.array(_K()), np.zeros((4, 4)), r"last row \[0, 0, 0, 0\]"),
+    (np.array(_K()), np.diag([1.0, 1.0, -1.0, 1.0]), "det -1"),
+    (np.array(_K()), np.diag([1.1, 1.0, 1.0, 1.0]), r"not orthonormal \(max \|R\^T R - I\| = 0.21"),
+    (np.array(_K()), np.full((4, 4), np.inf), "world_to_cam holds NaN or inf"),
+    (np.eye(2), np.eye(4), r"shape \(2, 2\)"),
+])
+def test_check_calibration_problems(K, w2c, problem: str) -> None:
+    from rafdata.geometry import check_calibration
+
+    got = check_calibration(K, w2c)
+    assert got is not None and re.search(problem, got), got
+
+
+def test_check_calibration_accepts_real_cameras() -> None:
+    from rafdata.geometry import check_calibration
+
+    m = np.eye(4)
+    m[:3, :3] = _rot(1, 0.7) @ _rot(0, -0.2)
+    m[:3, 3] = [0.1, -0.3, 1.2]
+    assert check_calibration(np.array(_K()), m) is None
+    m32 = m.astype(np.float32).astype(np.float64)  # GHA stores float32 extrinsics
+    assert check_calibration(np.array(_K(), np.float32), m32) is None
+    skew = np.array(_K())
+    skew[0, 1] = 0.5  # a skewed sensor is still a camera
+    assert check_calibration(skew, m) is None
+
+
+def _write_params(pdir: Path, w2c: dict, intr) -> None:
+    write_json(pdir / "calibration" / "camera_params.json",
+               {"world_2_cam": {s: np.asarray(m).tolist() for s, m in w2c.items()},
+                "intrinsics": intr})
+
+
+def test_nersemble_bad_camera_skipped_with_warning(nersemble: Path) -> None:
+    pdir = nersemble / "017"
+    _write_params(pdir, {SERIALS[0]: _w2c(0), SERIALS[1]: np.zeros((4, 4))},
+                  {SERIALS[0]: _K(), SERIALS[1]: _K()})
+    warnings: list[str] = []
+    source = open_source(nersemble, warn=warnings.append)
+    (seq,) = source.sequences("017")
+    assert [c.serial for c in seq.cameras()] == [SERIALS[0]]
+    assert [c.serial for c in seq.cameras()] == [SERIALS[0]]  # and warned once
+    (line,) = [w for w in warnings if "camera_params" in w]
+    assert str(pdir / "calibration" / "camera_params.json") in line
+    assert f"camera {SERIALS[1]} skipped" in line and "last row [0, 0, 0, 0]" in line
+    # asked for the bad camera only: an error, not a sequence without images
+    only_bad = NersembleSource(nersemble, SourceOptions(cameras=[SERIALS[1]]))
+    (seq,) = only_bad.sequences("017")
+    with pytest.raises(SourceError, match=rf"camera_params\.json: no camera with video in "
+                                          rf"017/EXP-1-head has a usable calibration "
+                                          rf"\(camera {SERIALS[1]}: world_to_cam"):
+        seq.cameras()
+
+
+@pytest.mark.parametrize("intr, w2c, problem", [
+    (np.zeros((3, 3)).tolist(), {s: _w2c(i) for i, s in enumerate(SERIALS)}, "fx=0"),
+    (_K(), {s: np.zeros((4, 4)) for s in SERIALS}, "last row"),
+    ({s: [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0]] for s in SERIALS},
+     {s: _w2c(0) for s in SERIALS}, "singular"),
+    ({s: [[float("nan")] * 3] * 3 for s in SERIALS}, {s: _w2c(0) for s in SERIALS},
+     r"'intrinsics/\d+' holds NaN"),
+])
+def test_nersemble_every_camera_bad_is_an_error(nersemble: Path, intr, w2c, problem) -> None:
+    _write_params(nersemble / "017", w2c, intr)
+    (seq,) = NersembleSource(nersemble).sequences("017")
+    with pytest.raises(SourceError, match=rf"camera_params\.json: no usable camera: all 2 "
+                                          rf"calibrations are bad \(camera {SERIALS[0]}: "
+                                          rf".*{problem}"):
+        seq.cameras()
+
+
+def test_nersemble_bad_camera_numbers_cost_that_camera_only(nersemble: Path) -> None:
+    """A per-camera matrix of the wrong shape or with NaN is that camera's problem."""
+    pdir = nersemble / "017"
+    _write_params(pdir, {SERIALS[0]: _w2c(0), SERIALS[1]: [[1.0, 2.0]]}, _K())
+    warnings: list[str] = []
+    (seq,) = NersembleSource(nersemble, warn=warnings.append).sequences("017")
+    assert [c.serial for c in seq.cameras()] == [SERIALS[0]]
+    assert any(f"camera {SERIALS[1]} skipped: 'world_2_cam/{SERIALS[1]}' has shape (1, 2)"
+               in w for w in warnings)
+
+
+def test_gha_bad_camera_skipped_then_all_bad_is_an_error(tmp_path: Path) -> None:
+    root = make_gha(tmp_path / "gha")
+    cam = root / "388" / "cameras" / "0001" / f"camera_{SERIALS[1]}.npz"
+    bad_w2c = np.array(_w2c(1))[:3]
+    bad_w2c[:3, :3] *= 2.0  # a scaled "rotation"
+    np.savez(cam, extrinsic=bad_w2c, intrinsic=np.array(_K(101.0)))
+    warnings: list[str] = []
+    (seq,) = open_source(root, warn=warnings.append).sequences("388")
+    assert [c.serial for c in seq.cameras()] == [SERIALS[0]]
+    (line,) = warnings
+    assert line.startswith(f"{cam}: camera {SERIALS[1]} skipped: world_to_cam rotation is not "
+                           "orthonormal")
+    assert seq.cameras() and len(warnings) == 1  # cached: warned once
+    for s in SERIALS:
+        for f in ("0000", "0001", "0002"):
+            np.savez(root / "388" / "cameras" / f / f"camera_{s}.npz",
+                     extrinsic=np.array(_w2c(0))[:3], intrinsic=np.zeros((3, 3)))
+    (seq,) = GhaSource(root).sequences("388")
+    with pytest.raises(SourceError, match=r"388/cameras: no camera of participant 388 has a "
+                                          r"usable calibration \(.*camera_222200037\.npz: "
+                                          r"camera 222200037 skipped: intrinsics have focal"):
+        seq.cameras()
+
+
+def test_gha_non_finite_or_text_camera_skipped(tmp_path: Path) -> None:
+    root = make_gha(tmp_path / "gha")
+    cdir = root / "388" / "cameras" / "0002"
+    big = np.array(_K(), np.longdouble)
+    big[0, 0] = np.longdouble("1e400")  # finite as float128, inf as the stored float64
+    np.savez(cdir / f"camera_{SERIALS[0]}.npz", extrinsic=np.array(_w2c(0))[:3], intrinsic=big)
+    np.savez(cdir / f"camera_{SERIALS[1]}.npz", extrinsic=np.array(_w2c(1))[:3],
+             intrinsic=np.array([["a"] * 3] * 3))
+    warnings: list[str] = []
+    (seq,) = GhaSource(root, warn=warnings.append).sequences("388")
+    with pytest.raises(SourceError, match="no camera of participant 388"):
+        seq.cameras()
+    assert "key 'intrinsic' holds NaN or inf values" in warnings[0]
+    assert "key 'intrinsic' is not numeric (dtype <U1)" in warnings[1]
+
+
+# -- odd folder names (issue #15) -----------------------------------------------------------------
+
+
+def test_nersemble_odd_participant_folders_warned(nersemble: Path) -> None:
+    import shutil
+
+    for name in ("①", "17 ", "٣"):
+        shutil.copytree(nersemble / "017", nersemble / name)
+    warnings: list[str] = []
+    source = NersembleSource(nersemble, SourceOptions(participants=["3", "17"]),
+                             warn=warnings.append)
+    assert source.participants() == ["017"]
+    odd = sorted(w for w in warnings if "participant folder" in w)
+    assert len(odd) == 3
+    for line, name in zip(odd, ["'17 '", "'٣'", "'①'"], strict=True):
+        assert line.startswith(f"{nersemble}: folder {name} skipped")
+
+
+def test_nersemble_non_utf8_sequence_and_frame_folders(nersemble: Path) -> None:
+    import os
+    import shutil
+
+    seqs = os.fsencode(nersemble / "017" / "sequences")
+    shutil.copytree(os.fsdecode(seqs + b"/EXP-1-head"), os.fsdecode(seqs + b"/EXP-\xff"))
+    shutil.copytree(seqs + b"/EXP-1-head", seqs + b"/FREE ")
+    params = nersemble / "017" / "sequences" / "EXP-1-head" / "params"
+    shutil.copytree(params / "0002", params / "①")
+    shutil.copytree(params / "0002", params / "0006 ")
+    (params / ".cache").mkdir()  # hidden: passed over silently
+    warnings: list[str] = []
+    source = open_source(nersemble, warn=warnings.append)
+    (seq,) = source.sequences("017")
+    assert seq.name == "EXP-1-head"
+    assert f"017: sequence folder 'EXP-\\xff' skipped: name is not valid UTF-8" in warnings
+    assert "017: sequence folder 'FREE ' skipped: name has leading or trailing whitespace" \
+        in warnings
+    assert seq.tracking().frames.tolist() == [0, 2, 4]
+    (line,) = [w for w in warnings if "frame number" in w]
+    assert line == (f"{params}: skipped 2 folder(s) not named by a frame number (ASCII digits): "
+                    "'0006 ', '①'")
+    assert source.skipped == warnings
+    for w in warnings:
+        w.encode("utf-8")  # printable as it is: no surrogate escapes left
+
+
+def test_gha_odd_participant_and_frame_folders(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    root = make_gha(tmp_path / "gha")
+    shutil.copytree(root / "388", root / "①")
+    shutil.copytree(root / "388", os.fsdecode(os.fsencode(root) + b"/p\xe9"))
+    shutil.copytree(root / "388" / "images" / "0001", root / "388" / "images" / "²")
+    warnings: list[str] = []
+    source = open_source(root, warn=warnings.append)
+    assert source.participants() == ["388"]
+    assert f"{root}: folder '①' skipped: participant name looks like a number but is not " \
+           "ASCII digits" in warnings
+    assert f"{root}: folder 'p\\xe9' skipped: participant name is not valid UTF-8" in warnings
+    (seq,) = source.sequences("388")
+    seq.check_camera(SERIALS[0], seq.tracking().frames)
+    assert any("images: skipped 1 folder(s)" in w and "'²'" in w for w in warnings)
+
+
+def test_participant_filter_is_ascii_digits(nersemble: Path) -> None:
+    assert NersembleSource(nersemble, SourceOptions(participants=["17"])).participants() \
+        == ["017"]
+    for query in ("1_7", " 17", "١٧"):  # int() takes all three
+        assert NersembleSource(nersemble, SourceOptions(participants=[query])) \
+            .participants() == []
