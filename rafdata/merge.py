@@ -133,7 +133,7 @@ def read_main(store: Path) -> tuple[Tables, dict[str, Any], int]:
     try:
         check_format(f, store)
         version = int(f.attrs["format_version"])
-        state = read_segment_state(store)
+        state = read_segment_state(store, segment=False)
         t = Tables()
         _append_state(t, state, store, segment_name=None)
         for name in ("file", "image_start", "image_count", "sequence_start", "sequence_count"):
@@ -310,9 +310,10 @@ def merge(store: str | Path, segments: Sequence[Path] | None = None,
             old, old_attrs, version = read_main(store)
         elif store.exists():
             old_attrs = _readable_attrs(store)
-        todo = list(pending_segments(store) if segments is None else segments)
         if rebuild:
-            todo = sorted(p for p in parts_dir(store).glob(f"*{SEGMENT_SUFFIX}"))
+            todo = sorted(parts_dir(store).glob(f"*{SEGMENT_SUFFIX}"))
+        else:
+            todo = list(pending_segments(store) if segments is None else segments)
         if version < 2 and old is not None and old.n["images"] + old.n["timesteps"]:
             todo.insert(0, _link_legacy(store))
             old = None  # its rows come back through the legacy segment, first

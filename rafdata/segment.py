@@ -38,7 +38,6 @@ from rafdata.store import (
     compression_options,
     create_column,
     find_identity,
-    open_h5,
 )
 
 SEGMENT_SUFFIX = ".h5"
@@ -225,42 +224,48 @@ def _short(err: OSError) -> str:
     return str(err).splitlines()[0][:200]
 
 
-def read_segment_state(path: Path) -> dict[str, Any]:
-    """The small tables of a committed segment (or any self-contained store file).
+def read_segment_state(path: Path, segment: bool = True) -> dict[str, Any]:
+    """The small tables of a committed segment (or any store file), checked as the reader
+    checks a store (``rafdata.store.Store``), with local row numbers.
 
-    Returns identities (list), sequences/cameras/timesteps/images (dicts of arrays up to each
-    table's ``rows``), attrs (root attributes) and image datasets' shapes.
+    Returns rows (per table), identities (list), sequences/cameras/timesteps/images (dicts
+    of arrays), attrs (root attributes), image_shape (the rgb dataset's shape or None) and
+    compression.
     """
-    from rafdata.store import _str_list
+    from rafdata.store import Store
 
-    f = open_h5(path, "r")
     try:
-        rows = {g: int(f[g].attrs.get("rows", 0)) for g in TABLES}
-        out: dict[str, Any] = {"rows": rows}
-        out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        out["identities"] = _str_list(f["identities/name"], rows["identities"])
-        for group in ("sequences", "cameras", "timesteps", "images"):
-            cols = {}
-            for name, ds in f[group].items():
-                if not isinstance(ds, h5py.Dataset) or name in ("rgb", "mask"):
-                    continue
-                if ds.dtype.kind == "O":
-                    cols[name] = np.array(_str_list(ds, rows[group]), dtype=object)
-                else:
-                    cols[name] = ds[: rows[group]]
-            out[group] = cols
-        im = f["images"]
-        out["image_shape"] = tuple(im["rgb"].shape) if "rgb" in im else None
-        out["mask_shape"] = tuple(im["mask"].shape) if "mask" in im else None
-        out["compression"] = im.attrs.get("compression", "")
-        if isinstance(out["compression"], bytes):
-            out["compression"] = out["compression"].decode()
-        return out
-    except (KeyError, OSError) as err:
-        raise StoreError(path, f"damaged segment file ({err.__class__.__name__}: {err}); "
-                         "delete it and rerun the ingest to redo its unit") from None
-    finally:
-        f.close()
+        with Store(path, verify_crc=False) as st:
+            f = st.h5()
+            im = f["images"]
+            obj = lambda names: np.array(names, dtype=object)  # noqa: E731
+            seqs, cams, ts = st.sequences, st.cameras, st.timesteps
+            out: dict[str, Any] = {
+                "rows": {"identities": len(st.identities), "sequences": len(seqs),
+                         "cameras": len(cams), "timesteps": len(ts), "images": st.n_images},
+                "attrs": dict(st.attrs),
+                "identities": list(st.identities),
+                "sequences": {k: (obj(v) if isinstance(v, list) else v)
+                              for k, v in vars(seqs).items()},
+                "cameras": {k: (obj(v) if isinstance(v, list) else v)
+                            for k, v in vars(cams).items()},
+                "timesteps": dict(vars(ts)),
+                "images": {"timestep": st.image_timestep, "camera": st.image_camera,
+                           "has_mask": st.image_has_mask, "crc": st.image_crc,
+                           "mask_crc": st.image_mask_crc},
+                "image_shape": tuple(im["rgb"].shape) if "rgb" in im else None,
+                "compression": im.attrs.get("compression", ""),
+            }
+            if not st.exp_dim:
+                out["timesteps"].pop("exp")
+    except StoreError as err:
+        if not segment:
+            raise
+        raise StoreError(path, f"{err.problem} (delete a damaged segment and rerun the ingest "
+                         "to redo its unit)") from None
+    if isinstance(out["compression"], bytes):
+        out["compression"] = out["compression"].decode()
+    return out
 
 
 def _write_chunk(ds: h5py.Dataset, row: int, image: EncodedImage) -> None:

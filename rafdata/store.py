@@ -215,18 +215,25 @@ def check_format(f: h5py.File, path: Path) -> None:
 def open_h5(path: Path, mode: str) -> h5py.File:
     try:
         # locking=False: readers (DataLoader workers, inspect) must open a store while another
-        # process holds it, and HDF5's locks fail outright on NFS.
+        # process holds it, and HDF5's locks fail outright on NFS. Writers take the store's
+        # own lock (rafdata.lock).
         return h5py.File(path, mode, locking=False)
     except FileNotFoundError:
         raise StoreError(path, "no such store file") from None
     except OSError as err:
-        raise StoreError(path, f"cannot open as HDF5 ({err.__class__.__name__}: {err})") from None
+        first = " ".join(str(err).split())
+        hint = ""
+        parts = Path(path).with_name(Path(path).name + ".parts")
+        if mode == "r" and parts.is_dir():
+            hint = f"; {RECOVERY_HINT.replace('STORE', str(path))}"
+        raise StoreError(path, f"cannot open as HDF5 ({err.__class__.__name__}: {first})"
+                         f"{hint}") from None
 
 
 # What to do about a main file whose tables are damaged: its segments hold every committed
 # sequence, and rebuilding the tables from them is one command.
-RECOVERY_HINT = ("`rafdata consolidate STORE --rebuild` rebuilds its tables from the segment "
-                 "files (banks must then be built again)")
+RECOVERY_HINT = ("`rafdata consolidate STORE --rebuild` rebuilds its tables from its "
+                 "segment files (banks must then be built again)")
 
 
 def create_column(g: h5py.Group, name: str, data: np.ndarray, dtype: Any,

@@ -60,11 +60,10 @@ from rafmodel.data import (
 from rafmodel.device import select_device
 from rafmodel.losses import build_loss, psnr, to_host
 from rafmodel.render import render, resolve_backend
-from rafmodel.strategy import make_strategy
+from rafmodel.strategy import Strategy, make_strategy
 from rafmodel.targets import composite_target, render_K
 
 CHECKPOINT_VERSION = 2  # 2: one optimizer per Gaussian tensor (gsplat's convention)
-
 
 
 def render_size(image_hw: tuple[int, int], resolution: int) -> tuple[int, int]:
@@ -193,7 +192,7 @@ class Runner:
         return init_ellipsoid((0.0, 0.0, 0.0), head_ellipsoid_radii(r), c.num_gaussians,
                               seed=c.seed, head_radius=r, pose_t_ref=t_ref)
 
-    def _make_strategy(self):
+    def _make_strategy(self) -> Strategy:
         try:
             return make_strategy(self.cfg.strategy, self.cfg.densify,
                                  float(self.model.head_radius), self.device)

@@ -211,24 +211,37 @@ def test_raf_improves_coverage_for_every_subject(cov_store):
     json.dumps(result)  # JSON-ready
 
 
-def test_subject_coverage_is_seeded_and_uses_the_neighbour_table(cov_store, monkeypatch):
+def test_subject_coverage_is_seeded_and_uses_the_neighbour_table(cov_store, tmp_path):
     cfg = CoverageConfig(n=50, seed=3)
     a = subject_coverage(cov_store, "388", cfg)
     assert a == subject_coverage(cov_store, "388", cfg)
     assert a["n"] == 50 and a["n_swapped"] == 25
     assert subject_coverage(cov_store, "388", CoverageConfig(n=50, seed=4)) != a
-    # +RAF really takes rows of the table: point the table at the subject's own timesteps by
-    # swapping in a bank whose top-1 neighbour is the row itself -> +RAF == Vanilla.
-    with h5py.File(cov_store, "r+", locking=False) as f:
-        t = len(f["timesteps/frame"])
-        f.create_dataset("banks/self/members", data=np.arange(t))
-        f.create_dataset("banks/self/neighbors/index", data=np.arange(t)[:, None])
-    try:
-        with pytest.raises(StoreError, match="own identity"):
-            subject_coverage(cov_store, "388", CoverageConfig(n=50, bank="self"))
-    finally:
-        with h5py.File(cov_store, "r+", locking=False) as f:
-            del f["banks/self"]
+    # +RAF really takes rows of the table: a bank whose every neighbour is one member m of
+    # another identity makes every swapped vector exp[m]; Vanilla does not change.
+    with Store(cov_store) as st:
+        ts, held = st.timesteps, st.sequences.held_out[st.timesteps.sequence]
+        ident, exp = ts.identity, ts.exp.astype(np.float64)
+    members = np.flatnonzero(~held)
+    m0 = members[ident[members] != ident[members[0]]][0]  # a member of another identity
+    m = np.where(ident == ident[members[0]], m0, members[0])  # (T,) one per timestep
+    path = tmp_path / "one.h5"
+    copy_store(cov_store, path)
+    with h5py.File(path, "r+", locking=False) as f:
+        g = f["banks"].create_group("one")
+        g.create_dataset("members", data=members)
+        g.create_dataset("neighbors/index", data=m[:, None])
+        g.create_dataset("neighbors/dist", data=np.linalg.norm(exp[m] - exp, axis=1)[:, None]
+                         .astype(np.float32))
+    one = subject_coverage(path, "388", CoverageConfig(n=50, seed=3, bank="one"))
+    assert one["vanilla"] == a["vanilla"] and one["raf"] != a["raf"]
+    # A table with neighbours of the subject's own identity is refused (rafdata.bank checks).
+    with h5py.File(path, "r+", locking=False) as f:
+        own = f["banks/one/neighbors/index"][()]
+        own[0, 0] = members[ident[members] == ident[0]][0]
+        f["banks/one/neighbors/index"][...] = own
+    with pytest.raises(StoreError, match="same identity"):
+        subject_coverage(path, "388", CoverageConfig(n=50, bank="one"))
 
 
 def test_exclude_own_drivers_and_drivers_option(cov_store):
@@ -241,7 +254,7 @@ def test_exclude_own_drivers_and_drivers_option(cov_store):
 def test_coverage_errors(cov_store):
     with pytest.raises(StoreError, match="999"):
         subject_coverage(cov_store, "999")
-    with pytest.raises(StoreError, match="no bank 'half'"):
+    with pytest.raises(StoreError, match="no bank named 'half'"):
         subject_coverage(cov_store, "388", CoverageConfig(bank="half"))
     with pytest.raises(StoreError, match="training timesteps"):  # every sequence is a driver
         subject_coverage(cov_store, "388", CoverageConfig(

@@ -646,7 +646,7 @@ def test_nersemble_non_utf8_sequence_and_frame_folders(nersemble: Path) -> None:
     source = open_source(nersemble, warn=warnings.append)
     (seq,) = source.sequences("017")
     assert seq.name == "EXP-1-head"
-    assert f"017: sequence folder 'EXP-\\xff' skipped: name is not valid UTF-8" in warnings
+    assert "017: sequence folder 'EXP-\\xff' skipped: name is not valid UTF-8" in warnings
     assert "017: sequence folder 'FREE ' skipped: name has leading or trailing whitespace" \
         in warnings
     assert seq.tracking().frames.tolist() == [0, 2, 4]
