@@ -392,6 +392,15 @@ def _flip_on_disk(path: Path, dataset: str) -> None:
         fh.write(bytes([byte ^ 0xFF]))
 
 
+def _garble_header(path: Path, obj: str) -> None:
+    """Overwrite an object's header in the file: opening it fails in HDF5."""
+    with h5py.File(path, "r", locking=False) as f:
+        addr = h5py.h5o.get_info(f[obj].id).addr
+    with open(path, "r+b") as fh:
+        fh.seek(addr)
+        fh.write(b"\0" * 8)  # its version / signature: the neighbours' headers are intact
+
+
 def _set(key: str, where, value):
     def fn(g):
         ds = g[key]
@@ -435,6 +444,10 @@ DAMAGES = [
      "/banks/full/members: 1 held-out timesteps in the bank", True),
     ("index-chunk-damaged-on-disk", lambda p: _flip_on_disk(p, "banks/full/neighbors/index"),
      "/banks/full/neighbors/index: unreadable or checksum mismatch", True),
+    ("bank-group-damaged", lambda p: _garble_header(p, "banks/full"),
+     "/banks/full: cannot be opened", True),
+    ("neighbors-group-damaged", lambda p: _garble_header(p, "banks/full/neighbors"),
+     "/banks/full/neighbors/index: unreadable", True),
     ("hnsw-chunk-damaged-on-disk", lambda p: _flip_on_disk(p, "banks/full/hnsw"),
      "/banks/full/hnsw: unreadable or checksum mismatch", True),
     ("dist-not-ascending", lambda p: _edit(p, _set("neighbors/dist", (5, 0), 1e3)),

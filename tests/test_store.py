@@ -299,3 +299,37 @@ def test_every_codec_round_trips_and_appends_exactly(tmp_path, codec):
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["images/rgb"][12], extra[2])
         np.testing.assert_array_equal(f["images/mask"][7], truth[("388", "A")]["mask"][1, 2])
+
+
+def test_format_1_store_is_read_and_upgraded_by_the_first_write(tmp_path):
+    """A version-1 file (images inside, rows past the counters from a crash, reserved image
+    capacity) reads as before; appending links it in as the first segment, copying no image."""
+    src = tmp_path / "v2.h5"
+    truth = write_store(src, identities=("388",), sequences=("A",))
+    seg = image_chunk(src, 0)[0]
+    old = tmp_path / "old.h5"
+    old.write_bytes(seg.read_bytes())
+    with h5py.File(old, "r+") as f:
+        f.attrs["format_version"] = 1
+        for k in ("segment", "segment_order", "store_attrs"):
+            del f.attrs[k]
+        f["images/rgb"].resize(14, axis=0)  # reserved capacity, as version-1 writers left it
+        f["timesteps/frame"].resize(7, axis=0)  # uncommitted rows past the counter
+    with Store(old) as s:
+        assert s.format_version == 1 and s.n_images == 10
+        np.testing.assert_array_equal(s.read_rgb(7), truth[("388", "A")]["rgb"][1, 2])
+    extra = np.random.default_rng(5).integers(0, 256, (5, 24, 32, 3), dtype=np.uint8)
+    with StoreWriter(old) as w:
+        with w.sequence("422", "B", False, "mem") as sw:
+            rows = sw.add_timesteps(*fake_sequence(np.random.default_rng(1)), "test")
+            sw.add_images(extra, None, rows, sw.camera("222200030", *camera(0)))
+    with Store(old) as s:
+        assert s.format_version == FORMAT_VERSION and s.n_images == 15
+        assert s.identities == ["388", "422"] and len(s.timesteps) == 10
+        np.testing.assert_array_equal(s.read_rgb(7), truth[("388", "A")]["rgb"][1, 2])
+        np.testing.assert_array_equal(s.read_rgb(12), extra[2])
+        assert verify(s).ok
+        legacy = s.segment_paths[0]
+    assert legacy.name.startswith("legacy-v1-") and legacy.stat().st_nlink == 1
+    with h5py.File(old, "r") as f:  # plain HDF5 readers see the images through the VDS
+        np.testing.assert_array_equal(f["images/rgb"][12], extra[2])
