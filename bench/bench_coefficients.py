@@ -50,6 +50,7 @@ def _bfm_tree(root, participants: int, sequences: int, frames: int) -> int:
 
 def run(quick: bool = False) -> str:
     from rafdata.ingest import IngestConfig, ingest
+    from rafdata.store import remove_store
 
     rows = []
     cases = [("FLAME npz per sequence", _flame_tree, 415, 25, 200),
@@ -61,7 +62,7 @@ def run(quick: bool = False) -> str:
         shutil.rmtree(root, ignore_errors=True)
         files = make(root, participants, sequences, frames)
         out = SCRATCH / "coef.h5"
-        out.unlink(missing_ok=True)
+        remove_store(out)
         seconds, report = timed(lambda root=root, out=out: ingest(
             root, out, IngestConfig(no_images=True)))
         rows.append([name, f"{participants}", f"{participants * sequences}", f"{files}",

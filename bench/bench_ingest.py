@@ -80,8 +80,9 @@ print(json.dumps({{"samples": trace.samples, "images": total}}))
 
 
 def _ingest_subprocess(src, out, workers: int, pids=None, compression=None) -> dict:
-    if out.exists():
-        out.unlink()
+    from rafdata.store import remove_store
+
+    remove_store(out)
     code = _PEAK.format(root=str(ROOT), src=str(src), out=str(out), workers=workers, pids=pids,
                         compression=compression)
     return _run_json(code)
@@ -106,7 +107,7 @@ def _rss_trace(src, work, passes: int = 3) -> list[list[str]]:
 
 
 def run(quick: bool = False) -> str:
-    from rafdata.store import DEFAULT_COMPRESSION
+    from rafdata.store import DEFAULT_COMPRESSION, remove_store
 
     src, size, _ = video_dataset(quick)
     work = SCRATCH / "ingest-out"
@@ -126,7 +127,7 @@ def run(quick: bool = False) -> str:
         times.setdefault("decode-par", []).append(
             timed(lambda: _decode_alone(src, cores))[0])
         for codec in (DEFAULT_COMPRESSION, "blosc-lz4", "none"):
-            (work / f"{codec}.h5").unlink(missing_ok=True)
+            remove_store(work / f"{codec}.h5")
             os.sync()
             r = _ingest_subprocess(src, work / f"{codec}.h5", workers=cores, compression=codec)
             times.setdefault(codec, []).append(r["seconds"])

@@ -32,14 +32,14 @@ def _frames(quick: bool) -> tuple[np.ndarray, np.ndarray]:
 def _codec_rows(rgb: np.ndarray, mask: np.ndarray, order: np.ndarray) -> dict[str, list]:
     """Write all images (colour + matte) through StoreWriter with each codec, then read them
     back at random: colour alone, and colour + matte (a training sample)."""
-    from rafdata.store import COMPRESSIONS, Store
+    from rafdata.store import COMPRESSIONS, Store, remove_store
     from rafdata.writer import StoreWriter
 
     n = len(rgb)
     writes = {}
     for codec in COMPRESSIONS:
         path = SCRATCH / f"codec-{codec}.h5"
-        path.unlink(missing_ok=True)
+        remove_store(path)
 
         def write(path=path, codec=codec):
             with StoreWriter(path, compression=codec) as w:

@@ -690,21 +690,35 @@ class _BankCheck:
         except (KeyError, OSError, RuntimeError):
             return False
 
-    def read(self, g: h5py.Group, key: str) -> np.ndarray | None:
+    def read(self, g: h5py.Group, key: str, prefix: str = "") -> np.ndarray | None:
         """A whole dataset; Fletcher32 and decompression failures become one problem."""
+        sub = f"{prefix}/{key}"
         if not self.has(g, key):
-            self.fail(f"/{key}", "missing")
+            self.fail(sub, "missing")
             return None
         try:
             ds = g[key]
             if not isinstance(ds, h5py.Dataset):
-                self.fail(f"/{key}", "not a dataset")
+                self.fail(sub, "not a dataset")
                 return None
             return ds[()]
         except (KeyError, OSError, RuntimeError) as err:
             # h5py raises OSError when a chunk's Fletcher32 checksum or decompression fails.
-            self.fail(f"/{key}", f"unreadable or checksum mismatch ({_one_line(err)})")
+            self.fail(sub, f"unreadable or checksum mismatch ({_one_line(err)})")
             return None
+
+    def group(self, g: h5py.Group, key: str) -> h5py.Group | None:
+        if not self.has(g, key):
+            self.fail(f"/{key}", "missing")
+            return None
+        try:
+            sub = g[key]
+            if isinstance(sub, h5py.Group):
+                return sub
+            self.fail(f"/{key}", "not a group")
+        except (KeyError, OSError, RuntimeError) as err:
+            self.fail(f"/{key}", f"cannot be opened ({_one_line(err)})")
+        return None
 
     def run(self, deep: bool) -> BankTables | None:
         st = self.st
@@ -722,14 +736,16 @@ class _BankCheck:
                 else np.zeros(0, bool))
         raw_members = self.read(g, "members")
         members = None if raw_members is None else self.check_members(raw_members, n_t, held)
-        index = self.read(g, "neighbors/index")
-        dist = self.read(g, "neighbors/dist")
+        index = dist = None
         nb_attrs: dict[str, Any] = {}
-        if self.has(g, "neighbors"):
+        nb = self.group(g, "neighbors")
+        if nb is not None:
+            index = self.read(nb, "index", "/neighbors")
+            dist = self.read(nb, "dist", "/neighbors")
             try:
-                nb_attrs = _attrs(g["neighbors"])
-            except (KeyError, OSError, RuntimeError) as err:
-                self.fail("/neighbors", f"cannot be opened ({_one_line(err)})")
+                nb_attrs = _attrs(nb)
+            except (OSError, RuntimeError) as err:
+                self.fail("/neighbors", f"attributes unreadable ({_one_line(err)})")
         if index is not None and dist is not None:
             self.check_tables(index, dist, members, held, nb_attrs, deep)
         blob = self.check_hnsw(g, attrs, members)

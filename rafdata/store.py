@@ -725,3 +725,13 @@ def copy_store(src: str | Path, dst: str | Path) -> Path:
     if parts.is_dir():
         shutil.copytree(parts, dst.with_name(dst.name + ".parts"), dirs_exist_ok=True)
     return dst
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a store: main file, segment folder, lock file (nothing else)."""
+    import shutil
+
+    path = Path(path)
+    for p in store_files(path):
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    path.with_name(path.name + ".lock").unlink(missing_ok=True)

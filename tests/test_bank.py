@@ -447,7 +447,7 @@ DAMAGES = [
     ("bank-group-damaged", lambda p: _garble_header(p, "banks/full"),
      "/banks/full: cannot be opened", True),
     ("neighbors-group-damaged", lambda p: _garble_header(p, "banks/full/neighbors"),
-     "/banks/full/neighbors/index: unreadable", True),
+     "/banks/full/neighbors: cannot be opened", True),
     ("hnsw-chunk-damaged-on-disk", lambda p: _flip_on_disk(p, "banks/full/hnsw"),
      "/banks/full/hnsw: unreadable or checksum mismatch", True),
     ("dist-not-ascending", lambda p: _edit(p, _set("neighbors/dist", (5, 0), 1e3)),
