@@ -21,7 +21,7 @@ from common import SCRATCH, best_of, table, timed, video_dataset
 def _copy_into_one_file(store, out) -> int:
     """The alternative to references: every image chunk copied raw into one new file, with
     the tables, as a "consolidate by copy" would do. Returns bytes copied."""
-    from rafdata.store import Store
+    from rafdata.store import Store, compression_options
 
     copied = 0
     with Store(store) as s, h5py.File(out, "w") as dst:
@@ -35,16 +35,11 @@ def _copy_into_one_file(store, out) -> int:
             src.copy(src["images"][name], im, name=name)
         for k, v in src["images"].attrs.items():
             im.attrs[k] = v
-        first = h5py.File(s.segment_paths[0], "r")
-        targets = {}
-        for name in ("rgb", "mask"):
-            ds = first["images"][name]
-            plist = ds.id.get_create_plist()
-            targets[name] = h5py.Dataset(h5py.h5d.create(
-                im.id, name.encode(), ds.id.get_type(),
-                h5py.h5s.create_simple((s.n_images, *ds.shape[1:]), (None, *ds.shape[1:])),
-                plist))
-        first.close()
+        opts = compression_options(str(src["images"].attrs["compression"]), checksum=False)
+        h, w = s.image_size
+        targets = {name: im.create_dataset(name, shape=(s.n_images, *shape), dtype="u1",
+                                           chunks=(1, *shape), **opts)
+                   for name, shape in (("rgb", (h, w, 3)), ("mask", (h, w)))}
         for row in range(s.n_images):
             rgb, mask, local, _, _ = s._locate(row)
             for name, ds in (("rgb", rgb), ("mask", mask)):

@@ -17,9 +17,8 @@ sys.path.insert(0, str(HERE))
 
 from common import ROOT, machine  # noqa: E402
 
-BENCHES = ["bench_ingest", "bench_segments", "bench_coefficients", "bench_store", "bench_bank",
-           "bench_render",
-           "bench_train"]
+BENCHES = ["bench_ingest", "bench_segments", "bench_tracking", "bench_coefficients",
+           "bench_store", "bench_loader", "bench_bank", "bench_render", "bench_train"]
 
 
 def main() -> None:

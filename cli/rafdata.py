@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import FriendlyGroup, split_list
+from rafdata.codecs import COMPRESSIONS, DEFAULT_COMPRESSION
 from rafdata.errors import RafDataError
 from rafdata.progress import RichProgress
-from rafdata.store import COMPRESSIONS, DEFAULT_COMPRESSION
 
 console = Console(soft_wrap=True)  # long paths must stay on one line
 MAX_ROWS = 40  # longer tables are summarised in the terminal; --json has every row

@@ -776,6 +776,11 @@ class _BankCheck:
                      held: np.ndarray, nb_attrs: dict[str, Any], deep: bool) -> None:
         ts = self.st.timesteps
         n_t = len(ts)
+        if index.ndim == 2 and index.dtype.kind in "iu" and 0 < index.shape[0] < n_t:
+            self.fail("/neighbors/index", f"covers {index.shape[0]} timesteps but the store "
+                                          f"has {n_t} (timesteps were added after the bank "
+                                          "was built)")
+            return
         if (index.ndim != 2 or index.shape[0] != n_t or index.shape[1] < 1
                 or index.dtype.kind not in "iu"):
             self.fail("/neighbors/index", f"shape {index.shape} of {index.dtype}; expected "

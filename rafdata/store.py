@@ -77,14 +77,7 @@ _IMAGE_COLUMNS = {
     "mask_crc": np.uint32,  # CRC-32 of the raw mask bytes; 0 without a mask
 }
 
-COMPRESSIONS = ("blosc-blosclz", "blosc-lz4", "blosc-zstd", "gzip", "lzf", "none")
-# Chosen by measurement (bench/bench_store.py, bench/bench_ingest.py; docs/benchmarks.md): on
-# frames with real-camera noise LZ4 shrinks colour only ~1.2x, for ~1 ms of CPU per 512 px
-# image at ingest and 4x slower reads; BloscLZ-1 keeps mattes ~25x smaller at almost no cost.
-DEFAULT_COMPRESSION = "blosc-blosclz"
-# Blosc codecs: (compressor, level). BloscLZ at level 1 gives up quickly on blocks it cannot
-# shrink (noisy colour) and still packs mattes ~25x: compression only where it is cheap.
-_BLOSC = {"blosc-blosclz": ("blosclz", 1), "blosc-lz4": ("lz4", 5), "blosc-zstd": ("zstd", 3)}
+from rafdata.codecs import BLOSC_CODECS, COMPRESSIONS, DEFAULT_COMPRESSION  # noqa: E402,F401
 
 
 def compression_options(name: str, checksum: bool = True) -> dict[str, Any]:
@@ -94,8 +87,8 @@ def compression_options(name: str, checksum: bool = True) -> dict[str, Any]:
     chunks are compressed outside HDF5 and written directly, and carry a CRC-32 of the raw
     content in /images/crc instead, which ``rafdata inspect --verify`` checks.
     """
-    if name in _BLOSC:
-        cname, level = _BLOSC[name]
+    if name in BLOSC_CODECS:
+        cname, level = BLOSC_CODECS[name]
         opts: dict[str, Any] = dict(
             hdf5plugin.Blosc(cname=cname, clevel=level, shuffle=hdf5plugin.Blosc.SHUFFLE)
         )
@@ -152,8 +145,8 @@ class ImageCodec:
         self.name = name
         # Blosc chunks are compressed here; "none" chunks are the raw bytes. Both go to the
         # file with write_direct_chunk, skipping HDF5's per-write selection machinery.
-        self.direct = direct and (name in _BLOSC or name == "none")
-        if self.direct and name in _BLOSC:
+        self.direct = direct and (name in BLOSC_CODECS or name == "none")
+        if self.direct and name in BLOSC_CODECS:
             _blosc_for_threads()
 
     def encode(self, image: np.ndarray) -> EncodedImage:
@@ -166,7 +159,7 @@ class ImageCodec:
             return EncodedImage(data.shape, crc, memoryview(data).cast("B"), None)
         import blosc
 
-        cname, level = _BLOSC[self.name]
+        cname, level = BLOSC_CODECS[self.name]
         payload = blosc.compress(data, typesize=1, clevel=level, shuffle=blosc.SHUFFLE,
                                  cname=cname)
         return EncodedImage(data.shape, crc, payload, None)
@@ -185,7 +178,7 @@ def blosc_only(ds: h5py.Dataset) -> bool:
 def _takes_direct(ds: h5py.Dataset, compression: str) -> bool:
     """Chunks made by ``ImageCodec(compression)`` can be written raw into ``ds``: its filters
     are exactly Blosc (Blosc codecs) or none at all ("none")."""
-    if compression in _BLOSC:
+    if compression in BLOSC_CODECS:
         return blosc_only(ds)
     return compression == "none" and ds.id.get_create_plist().get_nfilters() == 0
 

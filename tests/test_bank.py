@@ -513,6 +513,19 @@ def test_damaged_bank_in_coverage_and_plots(damaged, tmp_path):
         plot_bank(damaged, tmp_path / "b.png")
 
 
+def test_bank_older_than_the_timesteps_is_refused(damaged):
+    """Ingest appends timesteps after a build: the tables no longer cover the store."""
+    with StoreWriter(damaged) as w, w.sequence("999", "EXP-1-head", held_out=False,
+                                               source="mem") as sw:
+        sw.add_timesteps(np.arange(3), np.zeros((3, D), np.float32),
+                         np.zeros((3, 6), np.float32), np.ones(3, np.float32), "test")
+    with pytest.raises(StoreError, match=r"covers 1600 timesteps but the store has 1603.*"
+                                         r"build-bank --force"):
+        Bank.load(damaged, "full")
+    with Store(damaged) as st:
+        assert len(bank_problems(st, "full")) == 1
+
+
 def _legacy_leftover(path: Path) -> None:
     """What a build by an older version killed mid-write leaves: /banks/.tmp-full whose object
     header is garbage (even `del` fails on it with "Couldn't delete link")."""
