@@ -378,7 +378,14 @@ def _copy_banks(store: Path, dst: h5py.File) -> None:
         return  # rebuilding a main file that cannot be opened: banks must be built again
     try:
         if "banks" in src:
-            src.copy(src["banks"], dst, name="banks")
+            from rafdata.bank import is_leftover
+
+            banks = dst.create_group("banks")
+            for k, v in src["banks"].attrs.items():
+                banks.attrs[k] = v
+            for name in src["banks"]:
+                if not is_leftover(name):  # half-built banks of an older rafdata stay behind
+                    src["banks"].copy(src["banks"][name], banks, name=name)
     finally:
         src.close()
 

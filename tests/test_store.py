@@ -333,3 +333,17 @@ def test_format_1_store_is_read_and_upgraded_by_the_first_write(tmp_path):
     assert legacy.name.startswith("legacy-v1-") and legacy.stat().st_nlink == 1
     with h5py.File(old, "r") as f:  # plain HDF5 readers see the images through the VDS
         np.testing.assert_array_equal(f["images/rgb"][12], extra[2])
+
+
+def test_appending_drops_leftover_bank_groups_of_older_versions(tmp_path):
+    """A `/banks/.tmp-*` group from an interrupted build of an older rafdata is not copied
+    into the new main file (copying a half-written group can fail)."""
+    path = tmp_path / "s.h5"
+    write_store(path, identities=("388",), sequences=("A",))
+    with h5py.File(path, "r+") as f:
+        f.require_group("banks").create_group(".tmp-full").create_dataset("members", data=[1])
+        f["banks"].create_group("kept").attrs["k"] = 3
+    with StoreWriter(path) as w, w.sequence("422", "B", False, "mem") as sw:
+        sw.add_timesteps(*fake_sequence(np.random.default_rng(1)), "test")
+    with h5py.File(path, "r") as f:
+        assert list(f["banks"]) == ["kept"] and f["banks/kept"].attrs["k"] == 3

@@ -233,6 +233,11 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an npz, loaded eagerly (the file is closed on return)."""
     if not path.is_file():
         raise SourceError(path, "tracking file not found")
+    try:  # is_zipfile calls an unreadable file "not a zip": say what it is
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise SourceError(path, f"cannot read: {exc.strerror or exc}") from exc
     if not zipfile.is_zipfile(path):  # np.load would call anything else a pickle
         raise SourceError(path, "not an .npz archive (damaged or truncated file?)")
     try:
