@@ -8,8 +8,7 @@ import click
 from rich.console import Console
 
 from cli.common import split_list
-from rafdata.bank import BankConfig, default_threads
-from rafdata.bank import build_bank as _build_bank
+from rafdata.config import BankConfig, default_threads
 from rafdata.errors import StoreError
 from rafdata.progress import RichProgress
 
@@ -70,6 +69,8 @@ def build_bank(store: Path, name: str, frames_per_id: int, seed: int, k: int, m:
     )
     if identities is not None and not cfg.identities:
         raise StoreError(store, "--identities names no identity")
+    from rafdata.bank import build_bank as _build_bank  # numpy, h5py: only when run
+
     with RichProgress(quiet) as progress:
         report = _build_bank(store, cfg, progress)
     if quiet:

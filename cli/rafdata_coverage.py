@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import split_list
-from rafdata.coverage import CoverageConfig, all_subjects, config_dict, subject_coverage
+from rafdata.config import CoverageConfig, config_dict
 from rafdata.errors import StoreError
 from rafdata.progress import RichProgress
 
@@ -93,6 +93,8 @@ def coverage(store: Path, subject: str | None, all_: bool, bank: str, drivers: s
         mmd_bandwidth=mmd_bandwidth, mmd_unbiased=unbiased,
     )
     cfg.validate(store)
+    from rafdata.coverage import all_subjects, subject_coverage  # numpy, h5py: only when run
+
     if all_:
         with RichProgress(quiet=quiet) as progress:
             result = all_subjects(store, cfg, progress=progress)

@@ -56,7 +56,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,10 +66,10 @@ import hdf5plugin  # noqa: F401  (the store's image filters must be registered i
 import numpy as np
 
 from rafdata.commit import rewrite_main
+from rafdata.config import BankConfig, default_threads  # noqa: F401  (re-exported)
 from rafdata.errors import StoreError
 from rafdata.lock import WriterLock
 from rafdata.progress import NullProgress, Progress
-from rafdata.resources import cores_available
 from rafdata.store import Store, identity_matches
 
 if TYPE_CHECKING:  # hnswlib and torch are imported where they are used: `rafdata --help`,
@@ -90,47 +90,6 @@ METRIC = "l2"
 _QUERY_CHUNK = 16384
 # Points inserted per add_items call during the (single-threaded) build; only for progress.
 _BUILD_CHUNK = 4096
-
-
-def default_threads() -> int:
-    """Query threads by default: every core this process may use."""
-    return cores_available()
-
-
-@dataclass(frozen=True)
-class BankConfig:
-    """How to build one bank.
-
-    Defaults were chosen with bench/bench_bank.py (docs/benchmarks.md) on clustered synthetic
-    vectors: ef_construction=200 (100 lost ~2% recall at 300k vectors) and ef=256 (64 gave
-    recall@8 0.985 at the paper's 83k x 64 and 0.96 at 300k; 256 gives 0.997-1.0), with a
-    single-thread (deterministic) build of ~6 s for 83k vectors.
-    """
-
-    name: str = "full"
-    frames_per_id: int = 200  # members drawn per identity (all of them where fewer)
-    seed: int = 0  # member sampling, HNSW random_seed and the recall sample
-    k: int = 8  # neighbours per timestep (top-1 and top-5 sampling both fit)
-    M: int = 16  # HNSW graph degree
-    ef_construction: int = 200
-    ef: int = 256  # search beam; hnswlib uses max(ef, k_query)
-    threads: int = field(default_factory=default_threads)  # query threads (build uses one)
-    identities: tuple[str, ...] | None = None  # restrict to these ids ("17" matches "017")
-    identity_fraction: float | None = None  # or: a seeded share of the identities ...
-    subset_seed: int = 0  # ... permuted with this seed ...
-    subset_part: int = 0  # ... taking this block (0, 1, ...: disjoint blocks of the permutation)
-    exact: bool = False  # blocked brute force instead of HNSW (recall 1 by construction)
-    recall_sample: int = 1000  # queries compared with exact search (all when fewer)
-    force: bool = False  # replace an existing bank of this name
-
-    def validate(self, path: str | Path | None) -> None:
-        """StoreError (one line, naming ``path``) for settings hnswlib or sampling cannot use."""
-        for opt, value, low in (("--frames-per-id", self.frames_per_id, 1), ("--k", self.k, 1),
-                                ("--M", self.M, 2), ("--ef-construction", self.ef_construction, 1),
-                                ("--ef", self.ef, 1), ("--recall-sample", self.recall_sample, 0),
-                                ("--threads", self.threads, 1)):
-            if value < low:
-                raise StoreError(path, f"{opt} must be at least {low}, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------

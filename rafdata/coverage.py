@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rafdata.bank import neighbor_table
+from rafdata.config import CoverageConfig, config_dict  # noqa: F401  (re-exported)
 from rafdata.errors import StoreError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import Store
@@ -278,49 +279,6 @@ def b2t(train: np.ndarray, target: np.ndarray) -> float:
 # The analysis on a store
 
 
-@dataclass(frozen=True)
-class CoverageConfig:
-    """Settings of :func:`subject_coverage` / :func:`all_subjects` (see docs/coverage.md).
-
-    n: training vectors per condition (Vanilla and +RAF alike); None means min(2000, the
-    subject's training timesteps). seed: the sampling seed. bank: which /banks/{name}
-    neighbour table gives the +RAF neighbours. drivers: sequence names whose timesteps (of all
-    identities) form the target; None means every held-out sequence (FREE by default).
-    include_own_drivers: keep the subject's own driver timesteps in its target (the paper uses
-    all drivers). max_target: at most this many target vectors (a seeded subset beyond it).
-    pca_components, kde_bandwidth (None: Scott's rule), mmd_bandwidth (None: median heuristic on
-    the target), mmd_unbiased: metric settings as in :func:`kl_kde` and :func:`mmd_rbf`.
-    """
-
-    n: int | None = None
-    seed: int = 0
-    bank: str = "full"
-    drivers: tuple[str, ...] | None = None
-    include_own_drivers: bool = True
-    max_target: int = 20000
-    pca_components: int = 8
-    kde_bandwidth: float | None = None
-    mmd_bandwidth: float | None = None
-    mmd_unbiased: bool = False
-
-    def validate(self, path: Path | None = None) -> None:
-        problems = []
-        if self.n is not None and self.n < 2:
-            problems.append(f"n must be at least 2, got {self.n}")
-        if self.max_target < 2:
-            problems.append(f"max_target must be at least 2, got {self.max_target}")
-        if self.pca_components < 1:
-            problems.append(f"pca_components must be at least 1, got {self.pca_components}")
-        for name in ("kde_bandwidth", "mmd_bandwidth"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v > 0):
-                problems.append(f"{name} must be a positive number, got {v}")
-        if self.drivers is not None and not self.drivers:
-            problems.append("drivers names no sequence")
-        if problems:
-            raise StoreError(path, "; ".join(problems))
-
-
 @dataclass
 class _Target:
     """Prepared target of one analysis: vectors, PCA, kernel settings, cached sums."""
@@ -549,8 +507,3 @@ def all_subjects(store: str | Path | Store, cfg: CoverageConfig | None = None,
             st.close()
 
 
-def config_dict(cfg: CoverageConfig) -> dict:
-    """JSON-ready settings."""
-    d = asdict(cfg)
-    d["drivers"] = None if cfg.drivers is None else list(cfg.drivers)
-    return d

@@ -35,6 +35,7 @@ from rafdata.progress import NullProgress, Progress
 from rafdata.resources import cores_available
 from rafdata.sources import open_source
 from rafdata.sources.base import CameraCalib, SequenceSource, SourceOptions, Tracking
+from rafdata.sources.tracking import read_trackings
 from rafdata.store import DEFAULT_COMPRESSION, ImageCodec, identity_matches
 from rafdata.writer import SegmentSink, StoreWriter
 
@@ -259,8 +260,8 @@ def _read_tracking(
     pending = []
     no_video: dict[str, list[str]] = {}
     space: tuple[str, int, Path] | None = None
-    for order, s in todo:
-        tr = s.tracking()
+    trackings = _tracking_in_batches([s for _, s in todo], progress)
+    for (order, s), tr in zip(todo, trackings, strict=True):
         dim = int(tr.exp.shape[1])
         if writer is not None:
             writer.check_exp_space(tr.exp_space, dim, tr.path)
@@ -277,7 +278,6 @@ def _read_tracking(
         if cfg.wants_images(s.participant) and not cams:
             no_video.setdefault(s.participant, []).append(s.name)
         pending.append(_Pending(s, tr, keep, cams, order))
-        progress.advance()
     for pid, names in no_video.items():
         progress.warn(f"participant {pid}: no camera videos in {len(names)} sequence(s) "
                       f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); their "
@@ -285,6 +285,18 @@ def _read_tracking(
                       "say this is intended)")
     _warn_missing_cameras(pending, progress)
     return pending
+
+
+TRACKING_BATCH = 32  # sequences read in parallel between progress updates
+
+
+def _tracking_in_batches(seqs: list[SequenceSource], progress: Progress) -> Iterator[Tracking]:
+    """Every sequence's tracking, in order, read by parallel threads (read_trackings) a batch
+    at a time so the progress bar moves; the first error in sequence order stops it."""
+    for start in range(0, len(seqs), TRACKING_BATCH):
+        batch = seqs[start:start + TRACKING_BATCH]
+        yield from read_trackings(batch)
+        progress.advance(len(batch))
 
 
 def _warn_missing_cameras(pending: list[_Pending], progress: Progress) -> None:

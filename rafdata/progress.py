@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -111,4 +112,6 @@ class RichProgress:
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
-        self.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        # escape: file names may hold [brackets] that rich would take for markup
+        self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False,
+                           soft_wrap=True)

@@ -246,10 +246,14 @@ def _str_list(ds: h5py.Dataset, n: int) -> list[str]:
 
 
 def identity_matches(name: str, query: str) -> bool:
-    """Participant ids compare as integers when both are numeric ("17" == "017")."""
+    """Participant ids compare as integers when both are ASCII digits ("17" == "017"; "①" is
+    a name, not a number)."""
     if name == query:
         return True
-    return name.isdigit() and query.isdigit() and int(name) == int(query)
+    def number(s: str) -> bool:
+        return s.isascii() and s.isdigit()
+
+    return number(name) and number(query) and int(name) == int(query)
 
 
 def find_identity(identities: Sequence[str], name: str) -> int | None:

@@ -9,11 +9,10 @@ them from here (``rafmodel.train.TrainConfig``, ``rafmodel.data.AugmentConfig``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from rafdata.errors import RafDataError
 
@@ -53,7 +52,7 @@ class AugmentConfig:
             raise ValueError(f"p must be in [0, 1], not {self.p}")
         if int(self.topk) < 1:
             raise ValueError(f"topk must be >= 1, not {self.topk}")
-        if not np.isfinite(self.noise_std) or self.noise_std < 0:
+        if not math.isfinite(self.noise_std) or self.noise_std < 0:
             raise ValueError(f"noise_std must be a finite number >= 0, not {self.noise_std}")
 
 

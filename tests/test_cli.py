@@ -149,3 +149,17 @@ def test_ingest_bad_options_are_one_line(runner, synth_bfm, tmp_path, args, patt
     res = runner.invoke(rafdata, ["ingest", str(synth_bfm), "-o", str(out), "--quiet", *args])
     assert res.exit_code == 2 and pattern in res.output and "Traceback" not in res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("tool", ["rafdata", "rafmodel"])
+def test_help_loads_no_heavy_module(tool):
+    """`--help` must start at once: the command modules import numpy, h5py, torch, hnswlib,
+    matplotlib and ray only inside the commands that use them."""
+    heavy = ("numpy", "h5py", "torch", "hnswlib", "matplotlib", "ray", "av", "decord")
+    code = (f"import sys; import cli.{tool} as m; "
+            "from click.testing import CliRunner; "
+            "assert CliRunner().invoke(m.main, ['--help']).exit_code == 0; "
+            f"print(sorted(x for x in {heavy!r} if x in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
