@@ -17,7 +17,7 @@ sys.path.insert(0, str(HERE))
 
 from common import ROOT, machine  # noqa: E402
 
-BENCHES = ["bench_ingest", "bench_segments", "bench_tracking", "bench_coefficients",
+BENCHES = ["bench_ingest", "bench_segments", "bench_kills", "bench_tracking", "bench_coefficients",
            "bench_store", "bench_loader", "bench_bank", "bench_render", "bench_train"]
 
 

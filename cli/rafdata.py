@@ -182,15 +182,21 @@ def consolidate(store: Path, rebuild: bool, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("--verify", is_flag=True,
               help="Read every chunk (checksums) and check every invariant; exit 1 on failure.")
+@click.option("--digest", is_flag=True,
+              help="Also a SHA-256 of everything the store contract defines (tables, images, "
+                   "banks; not run times): equal digests, equal stores.")
 @click.option("--quiet", is_flag=True)
-def inspect(store: Path, as_json: bool, verify: bool, quiet: bool) -> None:
+def inspect(store: Path, as_json: bool, verify: bool, digest: bool, quiet: bool) -> None:
     """Show what the store holds; --verify checks it thoroughly."""
+    from rafdata.inspect import digest as store_digest
     from rafdata.inspect import summarize
     from rafdata.inspect import verify as run_verify
     from rafdata.store import Store
 
     with Store(store) as s:
         info = summarize(s)
+        if digest:
+            info["digest"] = store_digest(s)
         result = None
         if verify:
             with RichProgress(quiet or as_json) as progress:
@@ -225,6 +231,7 @@ def _print_summary(info: dict) -> None:
                         + (f", mattes {mask_ratio:.1f}x" if mask_ratio else "")),
         ("file size", _human(info["file_bytes"])),
         ("synthetic", "yes" if info["synthetic"] else "no"),
+        *((("digest", info["digest"]),) if "digest" in info else ()),
     ):
         head.add_row(k, str(v))
     console.print(head)

@@ -514,27 +514,27 @@ def bank_info(store: Store, name: str) -> dict[str, Any]:
     info: dict[str, Any] = {"name": name}
     try:
         g = store.h5()[BANKS_GROUP][name]
-        info.update({k: _plain(v) for k, v in g.attrs.items()})
+        info.update({k: plain_attr(v) for k, v in g.attrs.items()})
         info["name"] = name
         if "members" in g:
             info["members"] = int(g["members"].shape[0])
         if "neighbors/index" in g and len(g["neighbors/index"].shape) == 2:
             info["k"] = int(g["neighbors/index"].shape[1])
         if "neighbors" in g:
-            info.update({f"neighbors_{k}": _plain(v) for k, v in g["neighbors"].attrs.items()})
+            info.update({f"neighbors_{k}": plain_attr(v) for k, v in g["neighbors"].attrs.items()})
     except (KeyError, OSError, RuntimeError, TypeError, AttributeError) as err:
         info["error"] = _one_line(err)
     return info
 
 
-def _plain(v: Any) -> Any:
+def plain_attr(v: Any) -> Any:
     """An attribute value as JSON-ready Python."""
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
+        return [plain_attr(x) for x in v.tolist()]
     return v
 
 

@@ -22,6 +22,7 @@ from rafdata.bank import (
     bank_names,
     bank_problems,
     is_leftover,
+    plain_attr,
 )
 from rafdata.errors import CorruptImageError
 from rafdata.progress import NullProgress, Progress
@@ -118,7 +119,7 @@ def summarize(store: Store) -> dict[str, Any]:
         "images": store.n_images,
         "images_with_mask": int(store.image_has_mask.sum()),
         "resolution": {"width": w, "height": h},
-        "compression": _plain(f["images"].attrs.get("compression", "")),
+        "compression": plain_attr(f["images"].attrs.get("compression", "")),
         "file_bytes": file_bytes,
         "segments": len(store.segment_paths),
         "data_bytes_raw": raw,
@@ -139,16 +140,6 @@ def _image_groups(store: Store) -> Iterator[tuple[h5py.Group, Path]]:
     for path in store.segment_paths:
         with h5py.File(path, "r", locking=False) as seg:
             yield seg["images"], path
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
 
 
 @dataclass
@@ -318,3 +309,47 @@ def _check_banks(store: Store) -> list[str]:
     for name in bank_names(store):
         out.extend(bank_problems(store, name))
     return out
+
+
+# Root and bank attributes that record when or how long, not what: left out of digests.
+_UNSTABLE_ATTRS = {"ingest_history", "created", "build_seconds"}
+
+
+def digest(store: Store) -> str:
+    """SHA-256 over everything the store contract defines: tables, every image and matte,
+    root attributes, banks (but not run times and history). Equal digests: equal stores, as
+    any reader sees them, however their segments are cut."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def add(name: str, value: Any) -> None:
+        h.update(name.encode())
+        arr = np.asarray(value)
+        if arr.dtype == object:
+            h.update(repr(arr.tolist()).encode())
+        else:
+            h.update(str(arr.dtype).encode() + str(arr.shape).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+
+    add("identities", store.identities)
+    for table in ("sequences", "cameras", "timesteps"):
+        for k, v in vars(getattr(store, table)).items():
+            add(f"{table}/{k}", v)
+    for k in ("image_timestep", "image_camera", "image_has_mask", "image_crc",
+              "image_mask_crc"):
+        add(k, getattr(store, k))
+    for i in range(store.n_images):
+        add("rgb", store.read_rgb(i))
+        mask = store.read_mask(i)
+        add("mask", np.zeros(0, np.uint8) if mask is None else mask)
+    add("attrs", sorted((k, str(v)) for k, v in store.attrs.items()
+                        if k not in _UNSTABLE_ATTRS))
+    f = store.h5()
+    for name in bank_names(store):
+        g = f[BANKS_GROUP][name]
+        add(f"bank/{name}", sorted((k, str(v)) for k, v in g.attrs.items()
+                                   if k not in _UNSTABLE_ATTRS))
+        for n, ds in _datasets(g):
+            add(f"bank/{name}/{n}", ds[()])
+    return h.hexdigest()

@@ -56,6 +56,18 @@ def new_segment_name(order: Sequence[int | str] = ()) -> str:
     return f"{stem}-{os.getpid():x}-{os.urandom(4).hex()}{SEGMENT_SUFFIX}"
 
 
+def check_exp_space(store_space: str, store_dim: int, exp_space: str, exp_dim: int,
+                    source: Path) -> None:
+    """Every vector in one store lives in one expression space; refuse a second one
+    (SourceError naming the tracking file ``source``). An empty ``store_space``: none yet."""
+    if store_space and (exp_space != store_space or exp_dim != store_dim):
+        raise SourceError(
+            source,
+            f"expression space {exp_space} ({exp_dim} dims) differs from the store's "
+            f"{store_space} ({store_dim} dims); one store holds one space",
+        )
+
+
 @dataclass
 class SegmentContext:
     """What a new segment must agree with: the store and the segments committed before it.
@@ -122,13 +134,7 @@ class SegmentWriter:
         return find_identity(self.identities, name)
 
     def check_exp_space(self, exp_space: str, exp_dim: int, source: Path) -> None:
-        """Every vector in one store lives in one expression space; refuse a second one."""
-        if self.exp_space and (exp_space != self.exp_space or exp_dim != self.exp_dim):
-            raise SourceError(
-                source,
-                f"expression space {exp_space} ({exp_dim} dims) differs from the store's "
-                f"{self.exp_space} ({self.exp_dim} dims); one store holds one space",
-            )
+        check_exp_space(self.exp_space, self.exp_dim, exp_space, exp_dim, source)
 
     def sequence(self, identity: str, name: str, held_out: bool, source: str) -> SequenceWriter:
         return SequenceWriter(self, identity, name, held_out, source)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from rafdata.commit import remove_temporaries
-from rafdata.errors import SourceError, StoreError
+from rafdata.errors import StoreError
 from rafdata.lock import WriterLock
 from rafdata.merge import (
     MergeReport,
@@ -33,6 +33,7 @@ from rafdata.segment import (
     SegmentContext,
     SegmentWriter,
     SequenceWriter,
+    check_exp_space,
     parts_dir,
     read_segment_state,
     segment_file,
@@ -206,12 +207,7 @@ class StoreWriter(SegmentSink):
 
     def check_exp_space(self, exp_space: str, exp_dim: int, source: Path) -> None:
         """Every vector in one store lives in one expression space; refuse a second one."""
-        if self.exp_space and (exp_space != self.exp_space or exp_dim != self.exp_dim):
-            raise SourceError(
-                source,
-                f"expression space {exp_space} ({exp_dim} dims) differs from the store's "
-                f"{self.exp_space} ({self.exp_dim} dims); one store holds one space",
-            )
+        check_exp_space(self.exp_space, self.exp_dim, exp_space, exp_dim, source)
 
     def set_attr(self, name: str, value: str) -> None:
         """A root attribute of the main file (e.g. the synthetic manifest), set at the next

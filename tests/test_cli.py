@@ -163,3 +163,22 @@ def test_help_loads_no_heavy_module(tool):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_inspect_digest_equal_for_equal_stores(runner, bfm_store, synth_bfm, tmp_path):
+    """Copies, and stores cut into other segments, share the digest; any change moves it."""
+    def digest(path):
+        res = runner.invoke(rafdata, ["inspect", str(path), "--json", "--digest"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)["digest"]
+
+    ref = digest(bfm_store)
+    assert digest(copy_store(bfm_store, tmp_path / "copy.h5")) == ref
+    split = tmp_path / "split.h5"  # two runs: other segments and history, same contents
+    for pids in ("388", "388,422,443"):
+        assert runner.invoke(rafdata, ["ingest", str(synth_bfm), "-o", str(split), "--quiet",
+                                       "--participants", pids]).exit_code == 0
+    assert digest(split) == ref
+    with h5py.File(tmp_path / "copy.h5", "r+") as f:
+        f["timesteps/scale"][0] += 1
+    assert digest(tmp_path / "copy.h5") != ref
