@@ -32,6 +32,7 @@ def _frames(quick: bool) -> tuple[np.ndarray, np.ndarray]:
 def _codec_rows(rgb: np.ndarray, mask: np.ndarray, order: np.ndarray) -> dict[str, list]:
     """Write all images (colour + matte) through StoreWriter with each codec, then read them
     back at random: colour alone, and colour + matte (a training sample)."""
+    from rafdata.inspect import summarize
     from rafdata.store import COMPRESSIONS, Store, remove_store
     from rafdata.writer import StoreWriter
 
@@ -62,9 +63,9 @@ def _codec_rows(rgb: np.ndarray, mask: np.ndarray, order: np.ndarray) -> dict[st
             t_r = best_of(3, lambda s=s: each(order, lambda i: s.read_rgb(int(i))))
             t_s = best_of(3, lambda s=s: each(order, lambda i: (s.read_rgb(int(i)),
                                                                 s.read_mask(int(i)))))
-            im = s.h5()["images"]
-            r_rgb = rgb.nbytes / im["rgb"].id.get_storage_size()
-            r_mask = mask.nbytes / im["mask"].id.get_storage_size()
+            info = summarize(s)  # sizes over the segment files
+            r_rgb = info["image_compression_ratio"]
+            r_mask = info["mask_compression_ratio"]
         rows[codec] = [codec, f"{n / writes[codec]:.0f}", f"{len(order) / t_r:.0f}",
                        f"{len(order) / t_s:.0f}", f"{r_rgb:.2f}", f"{r_mask:.1f}"]
     return rows

@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from rafdata.commit import remove_temporaries
 from rafdata.errors import StoreError
 from rafdata.lock import WriterLock
@@ -137,42 +135,38 @@ class StoreWriter(SegmentSink):
         self.last_merge = time.monotonic()
 
     def _open(self) -> None:
+        """Remove temporaries of killed writers; learn what the main file and the committed
+        but unmerged segments already hold (sequences, cameras, space, image size)."""
         remove_temporaries(self.path)
         remove_segment_temporaries(self.path)
         self.attrs: dict[str, Any] = {}
         self._new_attrs: dict[str, Any] = {}
-        cameras: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.identities: list[str] = []
         self._done: set[tuple[str, str]] = set()
-        ctx = SegmentContext(self.compression, store=self.path)
-        states = []
+        self.ctx = SegmentContext(self.compression, store=self.path)
         if self.path.exists():
-            t, attrs, _ = read_main(self.path)
-            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v)
-                          for k, v in attrs.items()}
-            self.identities = list(t.identities)
-            states.append(("main", t))
+            self._take_main()
         self.pending = pending_segments(self.path)
         for p in self.pending:
-            states.append(("segment", read_segment_state(p)))
-        for kind, st in states:
-            if kind == "main":
-                ctx.exp_space, ctx.exp_dim = st.exp_space or ctx.exp_space, st.exp_dim
-                if st.image_shape is not None:
-                    ctx.image_size = tuple(st.image_shape[:2])
-                    self.compression = st.compression or self.compression
-                for (i, serial), j in st.cameras.items():
-                    cameras[(st.identities[i], serial)] = (st.K[j], st.world_to_cam[j])
-                self._done |= {(st.identities[i], name) for i, name in st.done}
-            else:
-                self._take_segment(st, ctx, cameras)
-        ctx.cameras = cameras
-        ctx.compression = self.compression
-        self.ctx = ctx
+            self._take_segment(read_segment_state(p))
+        self.ctx.compression = self.compression
 
-    def _take_segment(self, st: dict[str, Any], ctx: SegmentContext,
-                      cameras: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) -> None:
+    def _take_main(self) -> None:
+        t, attrs, _ = read_main(self.path)
+        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        self.identities = list(t.identities)
+        ctx = self.ctx
+        ctx.exp_space, ctx.exp_dim = t.exp_space, t.exp_dim
+        if t.image_shape is not None:
+            ctx.image_size = tuple(t.image_shape[:2])
+            self.compression = t.compression or self.compression
+        for (i, serial), j in t.cameras.items():
+            ctx.cameras[(t.identities[i], serial)] = (t.K[j], t.world_to_cam[j])
+        self._done |= {(t.identities[i], name) for i, name in t.done}
+
+    def _take_segment(self, st: dict[str, Any]) -> None:
         """Fold a committed, not yet merged segment into what new segments must agree with."""
+        ctx, cameras = self.ctx, self.ctx.cameras
         if st["attrs"].get("exp_space"):
             ctx.exp_space = str(st["attrs"]["exp_space"])
             ctx.exp_dim = int(st["attrs"]["exp_dim"])
@@ -186,10 +180,15 @@ class StoreWriter(SegmentSink):
                                                                     c["world_to_cam"][i])
         sq = st["sequences"]
         for i in range(st["rows"]["sequences"]):
-            self._done.add((ids[sq["identity"][i]], str(sq["name"][i])))
-        for name in ids:
-            if find_identity(self.identities, name) is None:
-                self.identities.append(name)
+            self._mark_done(ids[sq["identity"][i]], str(sq["name"][i]))
+
+    def _mark_done(self, identity: str, name: str) -> None:
+        """Record a committed sequence under the store's spelling of its identity."""
+        row = find_identity(self.identities, identity)
+        if row is None:
+            row = len(self.identities)
+            self.identities.append(identity)
+        self._done.add((self.identities[row], name))
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -226,13 +225,11 @@ class StoreWriter(SegmentSink):
             ctx.cameras[(seg.identities[i], serial)] = seg._staged_cams[row]
         ctx.image_size = seg.image_size or ctx.image_size
         for identity, name in seg.done:
-            if find_identity(self.identities, identity) is None:
-                self.identities.append(identity)
-            self._done.add((self.identities[find_identity(self.identities, identity)], name))
+            self._mark_done(identity, name)
 
     def adopt(self, segment: Path) -> None:
         """Take in a segment committed by another process (a distributed ingest's task)."""
-        self._take_segment(read_segment_state(segment), self.ctx, self.ctx.cameras)
+        self._take_segment(read_segment_state(segment))
         self.pending.append(segment)
 
     def commit(self) -> MergeReport:
