@@ -75,6 +75,9 @@ def _by_device(name: str, what: str) -> str:
 @click.option("--bank", default=_default("bank"), show_default=True,
               help="Bank with the neighbour table.")
 @click.option("--iters", type=int, default=None, help=_by_device("iters", "Training steps"))
+@click.option("--epochs", type=int, default=_default("epochs"),
+              help="Train this many epochs (every training image once each) instead of "
+              "--iters; the steps are derived and printed.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder [default: runs/SUBJECT-AUG].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly.")
@@ -107,22 +110,29 @@ def _by_device(name: str, what: str) -> str:
 @click.option("--preview-every", type=int, default=_default("preview_every"), show_default=True)
 @click.option("--checkpoint-every", type=int, default=_default("checkpoint_every"),
               show_default=True)
+@click.option("--tensorboard/--no-tensorboard", default=_default("tensorboard"),
+              show_default=True, help="TensorBoard event files in RUN/tensorboard.")
+@click.option("--viewer", is_flag=True, help="Serve the web viewer while training.")
+@click.option("--port", "viewer_port", type=int, default=_default("viewer_port"),
+              show_default=True, help="Viewer port on localhost (with --viewer).")
 @click.option("--quiet", is_flag=True)
-def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, seed, device,
-          backend, strategy, batch_size, workers, skip_corrupt, cameras, resolution,
+def train(store, subject, aug, p, topk, noise_std, bank, iters, epochs, out, resume, seed,
+          device, backend, strategy, batch_size, workers, skip_corrupt, cameras, resolution,
           num_gaussians, mlp_width, vgg_weights, lpips_weights, log_every, preview_every,
-          checkpoint_every, quiet) -> None:
+          checkpoint_every, quiet, tensorboard, viewer, viewer_port) -> None:
     """Train SUBJECT's avatar from STORE with RAF (or a baseline)."""
     from rafdata.progress import RichProgress
     from rafmodel.train import Runner
 
     cfg = TrainConfig(
         store=str(store), subject=subject, out=str(out) if out else None, aug=aug, p=p,
-        topk=topk, noise_std=noise_std, bank=bank, iters=iters, seed=seed, device=device,
+        topk=topk, noise_std=noise_std, bank=bank, iters=iters, epochs=epochs, seed=seed,
+        device=device,
         backend=backend, strategy=strategy, batch_size=batch_size, workers=workers,
         skip_corrupt=skip_corrupt, cameras=split_list(cameras), resolution=resolution,
         num_gaussians=num_gaussians, mlp_width=mlp_width,
         log_every=log_every, preview_every=preview_every, checkpoint_every=checkpoint_every,
+        tensorboard=tensorboard, viewer=viewer, viewer_port=viewer_port,
         loss=LossConfig(vgg_weights=str(vgg_weights) if vgg_weights else None,
                         lpips_weights=str(lpips_weights) if lpips_weights else None),
     )
@@ -155,10 +165,13 @@ def train(store, subject, aug, p, topk, noise_std, bank, iters, out, resume, see
 # Commands that live in their own modules (one module per area of the trainer).
 from cli.rafmodel_eval import compare_command, eval_command  # noqa: E402
 from cli.rafmodel_regressor import fit_regressor  # noqa: E402
+from cli.rafmodel_view import export_command, view_command  # noqa: E402
 
 main.add_command(eval_command)
 main.add_command(compare_command)
 main.add_command(fit_regressor)
+main.add_command(view_command)
+main.add_command(export_command)
 
 
 if __name__ == "__main__":

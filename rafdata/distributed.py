@@ -168,6 +168,7 @@ def _run_unit(src: str, cfg: IngestConfig, spec: UnitSpec, ctx: SegmentContext,
     with _Decoders(tcfg, sink.codec, progress) as decoders:
         decoders.order([p for p in pending if p.cameras])
         write_unit(sink, pending, tcfg, progress, decoders, report)
+    sink.drain()
     return {"segments": [str(p) for p in sink.written], "written": report.written,
             "timesteps": report.timesteps, "images": report.images, "warnings": warnings}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 _SPEC = os.environ.get("RAFDATA_FAULT", "")
 _NAME, _, _REST = _SPEC.partition(":")
@@ -28,7 +27,8 @@ def point(name: str) -> None:
     if not _SPEC:
         return
     if _SPEC == "list":
-        print(f"rafdata-fault-point {name}", file=sys.stderr, flush=True)
+        # one write per line: points pass on several threads (the segment publisher)
+        os.write(2, f"rafdata-fault-point {name}\n".encode())
         return
     if name != _NAME:
         return

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +154,8 @@ class SegmentWriter:
 
     # -- finishing ---------------------------------------------------------------------------
     def finish(self) -> None:
-        """Write the staged tables, trim reserved image slots, close and fsync the file."""
+        """Write the staged tables, trim reserved image slots, close the file (made durable
+        when it is published: publish_segment)."""
         f = self.f
         specs = {g: dict(c) for g, c in _COLUMNS.items()}
         specs["identities"] = {"name": (_STR, (), 1024)}
@@ -178,9 +181,7 @@ class SegmentWriter:
         self.f = None  # type: ignore[assignment]
         if self._fh.failed is not None:
             raise self._fh.failed
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        self._fh.close()  # made durable by publish_segment
 
     def discard(self) -> None:
         if self.f is not None:
@@ -194,13 +195,17 @@ class SegmentWriter:
 
 
 @contextmanager
-def segment_file(folder: Path, ctx: SegmentContext,
-                 order: Sequence[int | str] = ()) -> Iterator[SegmentWriter]:
-    """Write a new segment in ``folder``: committed (renamed to its final name) on a clean
-    exit, deleted on any exception. ``writer.path`` is the final path afterwards."""
+def segment_file(folder: Path, ctx: SegmentContext, order: Sequence[int | str] = (),
+                 publisher: Publisher | None = None) -> Iterator[SegmentWriter]:
+    """Write a new segment in ``folder``: committed (made durable and renamed to its final
+    name) after a clean exit, deleted on any exception. ``writer.path`` is the final path
+    afterwards. With a ``publisher`` the fsync and rename happen on its thread, overlapping
+    the next unit's work; without, before this returns."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / new_segment_name(order)
     tmp = final.with_name(final.name + SEGMENT_TMP)
+    if publisher is not None:
+        publisher.check()  # a failed fsync stops the producer at the next unit
     try:
         seg = SegmentWriter(tmp, ctx, order)
     except OSError as err:
@@ -209,18 +214,85 @@ def segment_file(folder: Path, ctx: SegmentContext,
     try:
         yield seg
         seg.finish()
-        faults.point("segment-publish")
-        os.replace(tmp, final)
-        fsync_dir(folder)
-        seg.path = final
-        faults.point("segment-published")
     except OSError as err:  # a full disk, a file-size limit, an I/O error
         seg.discard()
-        raise StoreError(ctx.store or folder, f"writing a segment failed ({_short(err)}); "
-                         "units committed before are kept: fix the cause and rerun") from None
+        raise _write_failed(ctx.store or folder, err) from None
     except BaseException:
         seg.discard()
         raise
+    seg.path = final
+    if publisher is not None:
+        publisher.submit(tmp, final, ctx.store or folder)
+    else:
+        publish_segment(tmp, final, ctx.store or folder)
+
+
+def _write_failed(where: Path, err: OSError) -> StoreError:
+    return StoreError(where, f"writing a segment failed ({_short(err)}); units committed "
+                      "before are kept: fix the cause and rerun")
+
+
+def publish_segment(tmp: Path, final: Path, where: Path) -> None:
+    """Commit a finished segment: fsync its data, rename it, fsync the folder."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        faults.point("segment-publish")
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(where, err) from None
+    faults.point("segment-published")
+
+
+class Publisher:
+    """Commits finished segments on a background thread, in the order they were submitted.
+
+    Making a segment durable (fsync of ~100 MB of images) takes as long as decoding a few
+    frames; done here, it overlaps with the next unit instead of stalling the writer.
+    ``on_published(final)`` runs on this thread after each rename. :meth:`drain` waits for
+    every submitted segment and raises the first failure; after a failure the rest of the
+    queue is dropped (deleted, to be redone) and :meth:`check` raises it to the producer.
+    """
+
+    def __init__(self, on_published: Callable[[Path], None]):
+        self.on_published = on_published
+        self._q: queue.Queue = queue.Queue()
+        self._error: StoreError | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, tmp: Path, final: Path, where: Path) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="raf-publish", daemon=True)
+            self._thread.start()
+        self._q.put((tmp, final, where))
+
+    def _run(self) -> None:
+        while True:
+            tmp, final, where = self._q.get()
+            try:
+                if self._error is None:
+                    publish_segment(tmp, final, where)
+                    self.on_published(final)
+                else:
+                    tmp.unlink(missing_ok=True)
+            except StoreError as err:
+                self._error = err
+            finally:
+                self._q.task_done()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def drain(self) -> None:
+        """Wait until every submitted segment is committed; raise the first failure."""
+        self._q.join()
+        self.check()
 
 
 def _short(err: OSError) -> str:

@@ -28,6 +28,7 @@ from rafdata.merge import (
     remove_segment_temporaries,
 )
 from rafdata.segment import (
+    Publisher,
     SegmentContext,
     SegmentWriter,
     SequenceWriter,
@@ -52,10 +53,15 @@ class SegmentSink:
         self.folder = Path(folder)
         self.ctx = ctx
         self.codec = ImageCodec(ctx.compression)
-        self.written: list[Path] = []
+        self.written: list[Path] = []  # committed (durable, renamed) segment files
         self._grouped: SegmentWriter | None = None
         self._session = time.time_ns()
         self._counter = 0
+        self.publisher = Publisher(self._published)
+
+    def drain(self) -> None:
+        """Wait until every finished segment is committed (see Publisher)."""
+        self.publisher.drain()
 
     # -- writing ---------------------------------------------------------------------------
     def _order(self, order: Sequence[int] | None) -> tuple[int, ...]:
@@ -76,7 +82,7 @@ class SegmentSink:
             yield sw
             sw._finish()
             return
-        with segment_file(self.folder, self.ctx, self._order(order)) as seg:
+        with segment_file(self.folder, self.ctx, self._order(order), self.publisher) as seg:
             sw = seg.sequence(identity, str(name), held_out, str(source))
             yield sw
             sw._finish()
@@ -91,7 +97,7 @@ class SegmentSink:
         """
         if self._grouped is not None:
             raise RuntimeError("groups do not nest")
-        with segment_file(self.folder, self.ctx, self._order(order)) as seg:
+        with segment_file(self.folder, self.ctx, self._order(order), self.publisher) as seg:
             self._grouped = seg
             try:
                 yield self
@@ -100,7 +106,11 @@ class SegmentSink:
         self._committed(seg)
 
     def _committed(self, seg: SegmentWriter) -> None:
-        self.written.append(seg.path)
+        """A unit is finished (its segment is being published): later units must agree."""
+
+    def _published(self, path: Path) -> None:
+        """On the publisher's thread: the segment at ``path`` is committed."""
+        self.written.append(path)
 
 
 class StoreWriter(SegmentSink):
@@ -215,9 +225,11 @@ class StoreWriter(SegmentSink):
         self._new_attrs[name] = value
         self.ctx.store_attrs[name] = str(value)
 
+    def _published(self, path: Path) -> None:
+        super()._published(path)
+        self.pending.append(path)
+
     def _committed(self, seg: SegmentWriter) -> None:
-        super()._committed(seg)
-        self.pending.append(seg.path)
         ctx = self.ctx
         if seg.exp_space:
             ctx.exp_space, ctx.exp_dim = seg.exp_space, seg.exp_dim
@@ -234,6 +246,7 @@ class StoreWriter(SegmentSink):
 
     def commit(self) -> MergeReport:
         """Merge the segments committed so far into the main file (atomic)."""
+        self.drain()
         report = MergeReport()
         if self.pending or self._new_attrs or not self.path.exists():
             report = merge(self.path, self.pending, attrs=self._new_attrs, lock=self._lock)
@@ -251,9 +264,11 @@ class StoreWriter(SegmentSink):
         try:
             if not failed:
                 self.commit()
-            elif self.pending:
+            else:
                 try:
-                    self.commit()
+                    self.drain()
+                    if self.pending:
+                        self.commit()
                 except StoreError:
                     pass  # the first error is the one to report; the next run merges
         finally:

@@ -139,6 +139,9 @@ class TrainConfig:
     noise_std: float = 0.08  # noise baseline
     bank: str = "full"
     iters: int | None = None
+    # Training length in epochs (every training image once per epoch) instead of iters: the
+    # Runner derives iters = ceil(epochs * training images / batch_size) once it has the data.
+    epochs: int | None = None
     seed: int = 0
     device: str = "auto"  # DEVICES
     backend: str = "auto"  # renderer, BACKENDS: auto = gsplat on CUDA, ours elsewhere
@@ -157,6 +160,11 @@ class TrainConfig:
     preview_every: int = 100
     checkpoint_every: int = 1000
     hull_views: int = 16  # views carved for the initial point cloud
+    # TensorBoard event files in out/tensorboard: on by default, it costs a few scalars per
+    # logged step written by a background thread (docs/training.md)
+    tensorboard: bool = True
+    viewer: bool = False  # serve the viser viewer while training (rafmodel/viewer.py)
+    viewer_port: int = 8080
     loss: LossConfig = field(default_factory=LossConfig)
     densify: DensifyConfig | None = None  # None: the 30k-step schedule scaled to iters
 
@@ -174,12 +182,14 @@ class TrainConfig:
         if not self.noise_std >= 0:
             problems.append(f"--noise-std must be >= 0 (got {self.noise_std})")
         at_least = {"--topk": (self.topk, 1), "--batch-size": (self.batch_size, 1),
-                    "--iters": (self.iters, 1), "--workers": (self.workers, 0),
+                    "--iters": (self.iters, 1), "--epochs": (self.epochs, 1),
+                    "--workers": (self.workers, 0),
                     "--resolution": (self.resolution, 16),
                     "--num-gaussians": (self.num_gaussians, 1),
                     "--mlp-width": (self.mlp_width, 1), "--log-every": (self.log_every, 1),
                     "--preview-every": (self.preview_every, 1),
-                    "--checkpoint-every": (self.checkpoint_every, 1)}
+                    "--checkpoint-every": (self.checkpoint_every, 1),
+                    "--port": (self.viewer_port, 0)}
         problems += [f"{name} must be >= {low} (got {value})"
                      for name, (value, low) in at_least.items()
                      if value is not None and value < low]
@@ -187,6 +197,8 @@ class TrainConfig:
                            ("--lpips-weights", self.loss.lpips_weights)):
             if path is not None and not Path(path).is_file():
                 problems.append(f"{name} {path}: no such file")
+        if self.iters is not None and self.epochs is not None:
+            problems.append("give --iters or --epochs, not both")
         if problems:
             raise RafDataError(None, "; ".join(problems))
 

@@ -66,6 +66,12 @@ from rafmodel.targets import composite_target, render_K
 CHECKPOINT_VERSION = 2  # 2: one optimizer per Gaussian tensor (gsplat's convention)
 
 
+def epochs_to_iters(epochs: int, images: int, batch_size: int) -> int:
+    """Optimisation steps for ``epochs`` passes over ``images`` training images (an epoch =
+    every image once) in batches of ``batch_size``; the last batch of a pass may be short."""
+    return max(1, -(-int(epochs) * int(images) // int(batch_size)))
+
+
 def render_size(image_hw: tuple[int, int], resolution: int) -> tuple[int, int]:
     """(h, w) to render: the store's size scaled so its longest side is ``resolution``."""
     h, w = image_hw
@@ -98,6 +104,9 @@ class Runner:
             self.cfg = replace(saved, out=self.cfg.out,
                                iters=cfg.iters if cfg.iters is not None else saved.iters,
                                skip_corrupt=cfg.skip_corrupt)
+        if resume:  # watching (TensorBoard, viewer) is this invocation's choice
+            self.cfg = replace(self.cfg, tensorboard=cfg.tensorboard, viewer=cfg.viewer,
+                               viewer_port=cfg.viewer_port)
         torch.manual_seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
 
@@ -106,6 +115,8 @@ class Runner:
         # process skips or raises (_next_batch).
         self.dataset = SubjectDataset(c.store, c.subject, c.augment(), split="train",
                                       cameras=c.cameras, seed=c.seed, mark_corrupt=True)
+        if cfg.epochs is not None:  # iters follow from epochs once the images are counted
+            self.cfg = c = self._iters_from_epochs(cfg.epochs, cfg.densify, resume)
         self.loader = InfiniteLoader(make_loader(self.dataset, batch_size=c.batch_size,
                                                  workers=c.workers, shuffle=True, seed=c.seed))
         self.height, self.width = render_size(self.dataset.image_size, c.resolution)
@@ -141,7 +152,9 @@ class Runner:
             f"subject {self.dataset.subject}: {len(self.dataset)} training images of {c.store}"
             f", rendered at {self.width}x{self.height}",
             f"aug {aug}",
-            f"{c.iters} steps of batch {c.batch_size} on {self.device} (renderer "
+            f"{c.iters} steps"
+            + (f" (= {c.epochs} epochs of {len(self.dataset)} images)" if c.epochs else "")
+            + f" of batch {c.batch_size} on {self.device} (renderer "
             f"{resolve_backend(c.backend, self.device)}), {self.model.num_gaussians} Gaussians "
             f"({type(self.strategy).__name__}); loss {self.loss_description}",
             "damaged images: " + ("skipped and counted" if c.skip_corrupt
@@ -149,6 +162,14 @@ class Runner:
         ]
 
     # -- set-up ----------------------------------------------------------------------------
+    def _iters_from_epochs(self, epochs: int, densify, resume: bool) -> TrainConfig:
+        """The config with ``iters = ceil(epochs * training images / batch_size)``. A new run
+        derives its densification schedule from these iters (unless one was given); a resumed
+        run keeps its saved schedule, as with a new ``--iters``, so it continues exactly."""
+        iters = epochs_to_iters(epochs, len(self.dataset), self.cfg.batch_size)
+        cfg = replace(self.cfg, iters=iters, epochs=epochs)
+        return cfg if resume else replace(cfg, densify=densify).resolved(self.device)
+
     def _check_out(self, resume: bool) -> None:
         started = (self.out / "config.json").exists()
         if resume and not (self.out / "checkpoints" / "last.pt").exists():
@@ -290,12 +311,15 @@ class Runner:
         t0 = time.perf_counter()
         window: list[dict[str, float]] = []
         log = (self.out / "metrics.jsonl").open("a")
+        self._open_watchers()
         try:
             while self.step < c.iters:
                 t_data = time.perf_counter()
                 batch = self._next_batch()
                 t_step = time.perf_counter()
                 numbers = self.train_step(batch)
+                if self._viewer is not None:
+                    self._viewer.tick(self.step + 1)  # renders only what a client asked for
                 t_end = time.perf_counter()
                 self.step += 1
                 numbers.update(data_s=t_step - t_data, step_s=t_end - t_step)
@@ -307,6 +331,8 @@ class Runner:
                                skipped_corrupt=self.corrupt.count)
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                    if self._tb is not None:
+                        self._tb.scalars(row, self.step)
                     window = []
                 if self.step % c.preview_every == 0 or self.step == c.iters:
                     self.save_preview()
@@ -316,6 +342,7 @@ class Runner:
                     progress(self.step, {**numbers, "swap_rate": self.swaps.rate})
         finally:
             log.close()
+            self._close_watchers()
         summary = {"steps": self.step, "seconds": time.perf_counter() - t0,
                    "swap_rate": self.swaps.rate, "gaussians": self.model.num_gaussians,
                    "skip_corrupt": self.cfg.skip_corrupt,
@@ -332,6 +359,8 @@ class Runner:
         path = self.out / "previews" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(path)
+        if self._tb is not None:
+            self._tb.image("previews", arr, self.step)
         return path
 
     def state(self) -> dict[str, Any]:
@@ -379,6 +408,33 @@ class Runner:
         if state["cuda_rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = int(state["step"])
+
+    # -- watching: TensorBoard and the live viewer (both None when off) --------------------
+    _tb = None  # rafmodel.tensorboard.TensorBoardLog while train() runs with cfg.tensorboard
+    _viewer = None  # rafmodel.viewer.Viewer while train() runs with cfg.viewer
+
+    def _open_watchers(self) -> None:
+        """Start TensorBoard logging and the viewer as the config asks (imported only then,
+        so a run with both off pays nothing)."""
+        if self.cfg.tensorboard and self._tb is None:
+            from rafmodel.tensorboard import TensorBoardLog
+
+            # a resumed run hides the interrupted run's events after the checkpoint
+            self._tb = TensorBoardLog(self.out / "tensorboard",
+                                      purge_step=self.step + 1 if self.step else None)
+        if self.cfg.viewer and self._viewer is None:
+            from rafmodel.viewer import Viewer
+
+            self._viewer = Viewer.for_training(self, port=self.cfg.viewer_port)
+            self.warn(f"viewer: {self._viewer.url}")
+
+    def _close_watchers(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._viewer is not None:
+            self._viewer.stop()
+            self._viewer = None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -484,5 +540,6 @@ def load_avatar(path: str | Path, device: str | torch.device = "cpu") -> Gaussia
 
 
 __all__ = ["CPU_DEFAULTS", "GPU_DEFAULTS", "Runner", "TrainConfig", "atomic_torch_save",
+           "epochs_to_iters",
            "atomic_write_text", "load_avatar", "load_checkpoint", "make_optimizers",
            "render_size", "truncate_metrics"]
