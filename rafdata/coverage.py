@@ -31,7 +31,7 @@ from rafdata.bank import neighbor_table
 from rafdata.config import CoverageConfig, config_dict  # noqa: F401  (re-exported)
 from rafdata.errors import StoreError
 from rafdata.progress import NullProgress, Progress
-from rafdata.store import Store
+from rafdata.store import Store, find_identity
 
 if TYPE_CHECKING:  # torch is imported by the functions that compute: `rafdata --help` and
     import torch  # the store readers must not pay for it
@@ -329,10 +329,64 @@ def _driver_rows(store: Store, cfg: CoverageConfig) -> np.ndarray:
                                          f"store (has: {', '.join(sorted(known))})")
         rows = store.timestep_rows(sequences=cfg.drivers)
         what = f"sequences {', '.join(cfg.drivers)}"
+    if cfg.driver_identities is not None:
+        ids = _driver_identity_rows(store, cfg.driver_identities)
+        rows = rows[np.isin(store.timesteps.identity[rows], ids)]
+        what += f" of identities {', '.join(store.identities[i] for i in ids) or '(none)'}"
     if len(rows) < 2:
         raise StoreError(store.path, f"fewer than 2 driver timesteps in {what}; nothing to "
                                      "cover (pass --drivers)")
     return rows
+
+
+def identities_with_held_out_images(store: Store) -> list[int]:
+    """Rows of /identities with held-out images in the store (`rafmodel eval`'s default
+    cross-driving drivers)."""
+    rows = store.image_rows(held_out=True) if store.n_images else np.zeros(0, np.int64)
+    if len(rows) == 0:
+        return []
+    ts = np.unique(store.image_timestep[rows])
+    return sorted(int(i) for i in np.unique(store.timesteps.identity[ts]))
+
+
+def _driver_identity_rows(store: Store, names: Sequence[str]) -> list[int]:
+    """Identity rows of ``names`` (``images``: those with held-out images); StoreError for an
+    unknown identity."""
+    out: set[int] = set()
+    for n in names:
+        if n == "images":
+            out.update(identities_with_held_out_images(store))
+        else:
+            out.add(store.identity_index(n))
+    return sorted(out)
+
+
+def split_drivers(store: str | Path | Store, tokens: Sequence[str]
+                  ) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """`rafdata coverage --drivers A,B,...`: (sequence names, identities) among the tokens.
+
+    A token that names a sequence of the store is a driver sequence; ``images`` or an identity
+    of the store is a driver identity; anything else is a StoreError naming the store.
+    """
+    st, own = _open(store)
+    try:
+        seqs = set(st.sequences.name)
+        s_out, i_out, bad = [], [], []
+        for t in tokens:
+            if t in seqs:
+                s_out.append(t)
+            elif t == "images" or find_identity(st.identities, t) is not None:
+                i_out.append(t)
+            else:
+                bad.append(t)
+        if bad:
+            raise StoreError(st.path, f"--drivers: {', '.join(bad)} is neither a sequence nor "
+                             f"an identity of the store (sequences: "
+                             f"{', '.join(sorted(seqs))}; or `images`)")
+        return tuple(s_out) or None, tuple(i_out) or None
+    finally:
+        if own:
+            st.close()
 
 
 def _prepare_target(store: Store, rows: np.ndarray, cfg: CoverageConfig) -> _Target:

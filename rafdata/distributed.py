@@ -119,7 +119,7 @@ def _ray(address: str | None):
     try:
         import ray
     except ImportError:
-        raise RafDataError(None, "--ray needs the ray package: pip install 'raf-toolkit[ray]'")\
+        raise RafDataError(None, "--ray needs the ray package (a dependency of raf-toolkit): pip install ray")\
             from None
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,

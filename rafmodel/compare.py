@@ -5,7 +5,9 @@ given folders: a run folder holds ``eval/metrics.json``, a multi-run eval folder
 run), groups them by method (the run's aug, plus top-k / bank / p when not the defaults),
 averages each metric over the runs of a method (e.g. over subjects, as the paper does) and
 marks the best value per column: higher is better for PSNR, SSIM and emotion similarity,
-lower for LPIPS, AED, APD and coefficient errors.
+lower for LPIPS, AED, APD and coefficient errors. Columns (:data:`COLUMNS`) are the paper's
+Table 2 / Table 3 layout: a self-driving group and a cross-driving group, each with PSNR,
+SSIM, LPIPS, AED, APD and emotion similarity, then extras.
 """
 
 from __future__ import annotations
@@ -33,15 +35,24 @@ class Column:
 
 
 COLUMNS: tuple[Column, ...] = (
+    # Table 2 / Table 3 of the paper: a self-driving and a cross-driving group, each PSNR, SSIM,
+    # LPIPS, AED, APD, emotion similarity. APD is the rotation part (apd_rot); cross-driving
+    # PSNR / SSIM / LPIPS are against the synthetic ground truth (null on real data). Then
+    # extras: translation APD and the synthetic coefficient read-back error.
     Column("self_psnr", "self PSNR", "self", "psnr", True),
     Column("self_ssim", "self SSIM", "self", "ssim", True),
     Column("self_lpips", "self LPIPS", "self", "lpips", False),
+    Column("self_aed", "self AED", "self", "aed", False),
+    Column("self_apd", "self APD", "self", "apd_rot", False),
+    Column("self_emotion", "self emo sim", "self", "emotion_sim", True),
+    Column("cross_gt_psnr", "cross PSNR (GT)", "cross", "gt_psnr", True),
+    Column("cross_gt_ssim", "cross SSIM (GT)", "cross", "gt_ssim", True),
+    Column("cross_gt_lpips", "cross LPIPS (GT)", "cross", "gt_lpips", False),
     Column("cross_aed", "cross AED", "cross", "aed", False),
-    Column("cross_apd", "cross APD", "cross", "apd", False),
+    Column("cross_apd", "cross APD", "cross", "apd_rot", False),
     Column("cross_emotion", "cross emo sim", "cross", "emotion_sim", True),
-    Column("cross_gt_psnr", "cross GT PSNR", "cross", "gt_psnr", True),
-    Column("cross_gt_ssim", "cross GT SSIM", "cross", "gt_ssim", True),
-    Column("cross_gt_lpips", "cross GT LPIPS", "cross", "gt_lpips", False),
+    Column("self_apd_trans", "self APD trans", "self", "apd_trans", False),
+    Column("cross_apd_trans", "cross APD trans", "cross", "apd_trans", False),
     Column("cross_readback_exp", "cross exp err", "cross", "readback_exp_l1", False),
 )
 
@@ -178,5 +189,18 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["COLUMNS", "Column", "best", "compare", "find_metrics", "format_table",
-           "present_columns", "write_csv", "write_json"]
+def compare_stats(paths: Sequence[str | Path], baseline: str = "vanilla",
+                  n_boot: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """The statistics mode (``rafmodel compare --stats``): over a sweep folder (its
+    ``cell.json`` files) or metrics.json files, mean ± std per method and metric over seeds and
+    subjects, and paired differences against ``baseline`` with bootstrap CIs; the same columns
+    as :func:`compare`. See :mod:`rafmodel.stats` (its ``format_markdown``, ``write_json``,
+    ``write_csv`` and ``plot`` render the result)."""
+    from rafmodel import stats
+
+    return stats.summarize(stats.load_records(paths), baseline=baseline,
+                           n_boot=n_boot or stats.N_BOOT, seed=seed)
+
+
+__all__ = ["COLUMNS", "Column", "best", "compare", "compare_stats", "find_metrics",
+           "format_table", "present_columns", "write_csv", "write_json"]

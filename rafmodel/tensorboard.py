@@ -13,8 +13,10 @@ every run). Tags, one scalar per metrics.jsonl row (the same window means, at th
 and ``previews`` images (render | target) at each preview step.
 
 Cost: torch's SummaryWriter serialises each value to a protobuf and hands it to a
-background thread that writes the file, so a logged row (~10 scalars, every ``--log-every``
-steps) costs tens of microseconds on the training thread; that is why it is on by default.
+background thread that writes the file. Measured here: ~0.3 ms per logged row (~10 scalars,
+every ``--log-every`` = 10 steps) and ~11 ms per 512x1024 preview (every 100 steps, beside the
+PNG the run saves anyway): about 0.1% and 0.5% of a 22 ms GPU step at the defaults, less on a
+CPU. That is why it is on by default (``--no-tensorboard`` turns it off).
 On ``--resume`` the writer purges events after the checkpoint's step, as metrics.jsonl is
 truncated, so no step is shown twice.
 """

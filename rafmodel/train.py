@@ -311,8 +311,8 @@ class Runner:
         t0 = time.perf_counter()
         window: list[dict[str, float]] = []
         log = (self.out / "metrics.jsonl").open("a")
-        self._open_watchers()
         try:
+            self._open_watchers()  # closed in `finally`, even if the viewer cannot start
             while self.step < c.iters:
                 t_data = time.perf_counter()
                 batch = self._next_batch()

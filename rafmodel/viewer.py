@@ -95,6 +95,21 @@ def client_pose_of(world_to_cam: np.ndarray, K: np.ndarray, image_hw: tuple[int,
     return tf.SO3.from_matrix(c2w[:3, :3]).wxyz, c2w[:3, 3], fov, w / h
 
 
+def _check_host(host: str) -> None:
+    """RafDataError unless a server socket can bind to ``host``: viser retries the next port
+    on any bind error, so an address that can never be bound would make it loop forever."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.bind(addr)
+    except OSError as err:
+        raise RafDataError(None, f"cannot serve on host {host!r}: "
+                           f"{err.strerror or err}") from None
+
+
 def _image_hw(store, K: np.ndarray) -> tuple[int, int]:
     """(H, W) of the stored images; a store without images: from the principal point."""
     if store.image_size is not None:
@@ -135,12 +150,17 @@ class Viewer:
         self._subject = store.identity_index(sources[0].subject)
         self._setup_drivers()
         self._setup_bank()
+        _check_host(host)
         # Port 0: the OS picks a free one (tests); a busy port: viser tries the next ones.
         self.server = viser.ViserServer(host=host, port=port, verbose=False)
         self.port = self.server.get_port()
         self.url = f"http://{host}:{self.port}"
-        self._build_scene()
-        self._build_gui()
+        try:
+            self._build_scene()
+            self._build_gui()
+        except BaseException:
+            self.server.stop()  # never leave a half-built server holding the port
+            raise
         self.server.on_client_connect(self._on_connect)
         self.server.on_client_disconnect(lambda c: self._seen.pop(c.client_id, None))
         if own_thread:
@@ -234,7 +254,6 @@ class Viewer:
 
     def _build_scene(self) -> None:
         st = self.store
-        ts = st.timesteps
         t_mean, _ = subject_pose(st, self._subject)
         self.head_center = t_mean
         cams = [c for c in range(len(st.cameras)) if int(st.cameras.identity[c]) == self._subject]
@@ -254,7 +273,6 @@ class Viewer:
             up -= np.linalg.inv(st.cameras.world_to_cam[c])[:3, 1]  # image up = -y
         if np.linalg.norm(up) > 0:
             self.server.scene.set_up_direction(tuple(up / np.linalg.norm(up)))
-        del ts
 
     def _build_gui(self) -> None:
         gui = self.server.gui
@@ -284,7 +302,8 @@ class Viewer:
             start = FRONTAL_SERIAL if FRONTAL_SERIAL in self.cameras else options[0]
             self.gui_camera = gui.add_dropdown("camera", options=options, initial_value=start)
             jump = gui.add_button("jump to camera")
-            self.gui_size = gui.add_slider("render size", min=64, max=1024, step=16,
+            self.gui_size = gui.add_slider("render size", min=16,
+                                           max=max(1024, int(self.render_size)), step=8,
                                            initial_value=int(self.render_size))
 
         def changed(_event=None) -> None:
@@ -441,7 +460,11 @@ class Viewer:
                 self._seen[cid] = stamp
                 self._last_render[cid] = now
                 t0 = time.perf_counter()
-                self.render_client(client)
+                try:
+                    self.render_client(client)
+                except Exception as err:  # noqa: BLE001 - a viewer problem must not end a run
+                    self.status.content = f"render failed: {' '.join(str(err).split())}"
+                    continue
                 sent += 1
                 ms = 1000 * (time.perf_counter() - t0)
                 step_txt = f"training step {self.step} · " if self.step is not None else ""
@@ -457,8 +480,7 @@ class Viewer:
         while not self._stop.is_set():
             try:
                 sent = self.tick()
-            except Exception as err:  # noqa: BLE001 - a client gone mid-render; keep serving
-                self.status.content = f"render failed: {' '.join(str(err).split())}"
+            except Exception:  # noqa: BLE001 - e.g. a client gone mid-update; keep serving
                 sent = 0
             if not sent:
                 self._stop.wait(0.02)

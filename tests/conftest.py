@@ -68,7 +68,7 @@ def synth_copy(synth_bfm, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session (2 CPUs), always shut down."""
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
+    ray = pytest.importorskip("ray", reason="ray is not installed (make install installs it)")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:

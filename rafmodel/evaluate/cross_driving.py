@@ -18,13 +18,15 @@ from rafmodel.evaluate.frames import DamagedImages, cameras_of, image_lookup, ta
 from rafmodel.evaluate.ground_truth import SynthGroundTruth
 from rafmodel.evaluate.media import Mp4Writer, compose_row, safe_name
 from rafmodel.evaluate.metrics import (
+    Readout,
     average,
-    emotion_metrics,
     frame_metrics,
     mean_finite,
     pick_frames,
     readback,
-    regressor_metrics,
+    readout_metrics,
+    tracked_metrics,
+    with_table_metrics,
 )
 from rafmodel.evaluate.runs import RunInfo, render_avatar
 from rafmodel.targets import render_K
@@ -43,6 +45,15 @@ def _cross_camera(store: Store, identity: int, cameras: tuple[str, ...] | None) 
     return by_serial.get(FRONTAL_SERIAL, cams[0])
 
 
+def driver_identities(store: Store) -> list[int]:
+    """Identities with held-out images in the store (the default cross-driving drivers, and
+    what ``rafdata coverage --drivers images`` restricts Table 1 to): on a paper-scale store,
+    the few with frames, not the hundreds with coefficients only."""
+    from rafdata.coverage import identities_with_held_out_images
+
+    return identities_with_held_out_images(store)
+
+
 def _subject_pose(store: Store, identity: int) -> tuple[np.ndarray, float]:
     """The subject's mean translation (3,) and median scale over all its timesteps."""
     rows = store.timestep_rows(identity=identity)
@@ -52,14 +63,19 @@ def _subject_pose(store: Store, identity: int) -> tuple[np.ndarray, float]:
 
 def evaluate_cross(runs: list[RunInfo], store: Store, cfg: EvalConfig, out: Path, lpips,
                    regressor, emotion, synth: SynthGroundTruth | None, progress: Progress,
-                   reader: DamagedImages | None = None) -> tuple[dict[str, dict], list[str],
-                                                                 list[str], list[str]]:
+                   reader: DamagedImages | None = None, tracked: bool = False
+                   ) -> tuple[dict[str, dict], list[str], list[str], list[str]]:
     """Cross-driving of the runs of one subject; per-run results, videos, grids, notes.
 
     reader: reads the drivers' real frames (the video's first panel and emotion similarity)
     and counts damaged ones (None: a fresh reader following ``cfg.skip_corrupt``); a skipped
-    frame shows as a grey panel and has no emotion similarity. Metrics against the avatar's
-    own inputs and the synthetic ground truth do not read stored frames.
+    frame shows as a grey panel and has no AED / APD / emotion similarity. Those read the
+    driver's real frame (at the store's resolution, its matte as the extractors' face crop) and
+    the render (its alpha as matte when the driver frame has one) with the same extractors.
+    tracked: the regressor predicts the store's space, so its read-out of the render is also
+    compared with the coefficients that drove it (``regressor_tracked_*``). With a synthetic
+    ground truth, ``psnr`` / ``ssim`` / ``lpips`` are the ``gt_*`` values (the render against
+    what the subject would look like); without one they are null.
     """
     reader = reader if reader is not None else DamagedImages(cfg.skip_corrupt)
     subject = runs[0].subject
@@ -72,16 +88,23 @@ def evaluate_cross(runs: list[RunInfo], store: Store, cfg: EvalConfig, out: Path
 
     held = store.sequences.held_out.astype(bool)
     with_held = sorted({int(store.sequences.identity[s]) for s in np.flatnonzero(held)})
+    with_images = driver_identities(store)
     if cfg.drivers:
         drivers = [store.identity_index(d) for d in cfg.drivers]
         bad = [store.identities[d] for d in drivers if d not in with_held]
         if bad:
             raise RafDataError(store.path, f"driver(s) {', '.join(bad)} have no held-out "
                                "sequence in the store")
+        blind = [store.identities[d] for d in drivers if d not in with_images]
+        if blind:
+            notes.append(f"driver(s) {', '.join(blind)} have no held-out images in the store: "
+                         "no driver frames, so no AED / APD / emotion similarity for them")
+            progress.warn(notes[-1])
     else:
-        drivers = [d for d in with_held if d != ident]
+        drivers = [d for d in with_images if d != ident]
     if not drivers:
-        notes.append(f"subject {subject}: no other identity has held-out data: no cross-driving")
+        notes.append(f"subject {subject}: no other identity has held-out images: no "
+                     "cross-driving")
         progress.warn(notes[-1])
     gt_ok = synth is not None and synth.has(subject)
     if synth is not None and not gt_ok:
@@ -105,9 +128,7 @@ def evaluate_cross(runs: list[RunInfo], store: Store, cfg: EvalConfig, out: Path
         ts = store.timesteps
         rows: dict[str, list[dict[str, float]]] = {r.label: [] for r in runs}
         renders: dict[str, list[Tensor]] = {r.label: [] for r in runs}
-        alphas: dict[str, list[Tensor]] = {r.label: [] for r in runs}
         gts: dict[str, list[tuple[Tensor, Tensor]]] = {r.label: [] for r in runs}
-        driver_frames: list[Tensor | None] = []
         coeffs = []
         noise: list[float] = []
         gt_coeffs: list[tuple[np.ndarray, np.ndarray]] = []
@@ -125,12 +146,17 @@ def evaluate_cross(runs: list[RunInfo], store: Store, cfg: EvalConfig, out: Path
                 coeffs.append((exp, pose))
                 row = images.get((t, dcam)) if dcam is not None else None
                 drv = None
+                drv_read = None
                 s = reader.read(store, row) if row is not None else None
+                if s is not None and (regressor is not None or emotion is not None):
+                    real = torch.from_numpy(s.rgb).permute(2, 0, 1).float() / 255.0
+                    real_m = None if s.mask is None else \
+                        torch.from_numpy(s.mask)[None].float() / 255.0
+                    drv_read = Readout.of(regressor, emotion, real, real_m)
                 if s is not None:
                     # The driver panel shows the real frame with its own background, unmatted.
                     drv = target_frame(s.rgb, None, runs[0].width, runs[0].height,
                                        runs[0].background)[0]
-                driver_frames.append(drv)
                 gt = None
                 if gt_ok:
                     assert synth is not None
@@ -163,13 +189,20 @@ def evaluate_cross(runs: list[RunInfo], store: Store, cfg: EvalConfig, out: Path
                                                 torch.from_numpy(pose.astype(np.float32)),
                                                 torch.tensor(scale), K, w2c, cfg.backend)
                     renders[r.label].append(pred)
-                    alphas[r.label].append(alpha)
                     panels.append(pred)
                     m: dict[str, float] = {}
                     if gt_ok:
                         g_img, g_alpha = gts[r.label][-1]
                         fm = frame_metrics(pred[None], g_img[None], g_alpha[None], lpips)
                         m.update({f"gt_{k}": float(v[0]) for k, v in fm.items()})
+                        m.update({k: m[f"gt_{k}"] for k in ("psnr", "ssim", "lpips")
+                                  if f"gt_{k}" in m})
+                    if drv_read is not None:
+                        ren = Readout.of(regressor, emotion, pred,
+                                         alpha if s is not None and s.mask is not None else None)
+                        m.update(readout_metrics(drv_read, ren))
+                        if tracked:
+                            m.update(tracked_metrics(ren, exp, pose))
                     rows[r.label].append(m)
                 if cfg.videos:
                     frame = compose_row(panels, labels, runs[0].width, runs[0].height)
@@ -185,16 +218,8 @@ def evaluate_cross(runs: list[RunInfo], store: Store, cfg: EvalConfig, out: Path
         if writer.frames:
             videos.append(str(writer.path))
 
-        exp_d = torch.from_numpy(np.stack([c[0] for c in coeffs])) if coeffs else None
-        pose_d = torch.from_numpy(np.stack([c[1] for c in coeffs]).astype(np.float32)) \
-            if coeffs else None
         for r in runs:
             frames = rows[r.label]
-            if coeffs and regressor is not None:
-                regressor_metrics(regressor, renders[r.label], alphas[r.label], exp_d,
-                                   pose_d, frames)
-            if coeffs and emotion is not None:
-                emotion_metrics(emotion, renders[r.label], driver_frames, frames)
             if gts[r.label]:
                 readback(renders[r.label], [g for g, _ in gts[r.label]],
                           torch.from_numpy(np.stack([c[0] for c in gt_coeffs])),
@@ -217,7 +242,8 @@ def evaluate_cross(runs: list[RunInfo], store: Store, cfg: EvalConfig, out: Path
         by_driver = per_run[r.label]
         mean = average([{k: v for k, v in e.items() if k != "frames"}
                          for e in by_driver.values()])
-        result[r.label] = {"camera": serial, "drivers": by_driver, "mean": mean,
+        result[r.label] = {"camera": serial, "drivers": by_driver,
+                           "mean": with_table_metrics(mean),
                            "ground_truth": gt_ok,
                            "pose": "driver rotation, subject mean translation and median scale"}
     return result, videos, grids, notes

@@ -58,36 +58,31 @@ def compose_row(panels: list[Tensor | None], labels: list[str], width: int,
 
 
 class Mp4Writer:
-    """H.264 mp4 (libx264, yuv420p) written frame by frame with PyAV; size from frame one."""
+    """H.264 mp4 written frame by frame, its size taken from the first frame.
+
+    The encoding itself is the project's one mp4 writer, :class:`rafdata.synth.writer.
+    VideoWriter` (PyAV, libx264, yuv420p, 25 fps, crf 12); this only opens it lazily, so a
+    driver without frames leaves no empty file.
+    """
 
     def __init__(self, path: Path, fps: int = VIDEO_FPS):
         self.path = path
-        self.fps = fps
-        self.container = None
-        self.stream = None
+        self.fps = fps  # the shared writer's rate (25 fps) is the project's one frame rate
+        self.writer = None
         self.frames = 0
 
     def write(self, frame: np.ndarray) -> None:
-        import av
+        if self.writer is None:
+            from rafdata.synth.writer import VideoWriter
 
-        if self.container is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.container = av.open(str(self.path), mode="w")
-            self.stream = self.container.add_stream("libx264", rate=self.fps)
-            self.stream.width, self.stream.height = frame.shape[1], frame.shape[0]
-            self.stream.pix_fmt = "yuv420p"
-            self.stream.options = {"crf": "18", "preset": "veryfast"}
-        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        for packet in self.stream.encode(vf):
-            self.container.mux(packet)
+            self.writer = VideoWriter(self.path, frame.shape[1], frame.shape[0])
+        self.writer.write(frame)
         self.frames += 1
 
     def close(self) -> None:
-        if self.container is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-            self.container.close()
-            self.container = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def safe_name(label: str) -> str:

