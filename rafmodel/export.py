@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from rafdata.errors import RafDataError
+from rafmodel.evaluate.cross_driving import subject_pose  # the eval's pose rule, shared
 
 SH_C0 = 0.28209479177387814  # degree-0 real spherical harmonic, 1 / (2 sqrt(pi))
 N_REST = 45  # f_rest_* of a degree-3 3DGS file (15 coefficients x 3 channels)
@@ -184,14 +185,6 @@ class FrameCoeffs:
     scale: Tensor
     timestep: int
     label: str
-
-
-def subject_pose(store, identity: int) -> tuple[np.ndarray, float]:
-    """The subject's mean translation (3,) and median scale over all its timesteps: the
-    evaluation's cross-driving pose rule keeps the driver's rotation and uses these."""
-    rows = store.timestep_rows(identity=identity)
-    ts = store.timesteps
-    return ts.pose[rows, 3:].astype(np.float64).mean(0), float(np.median(ts.scale[rows]))
 
 
 def driving_coeffs(store, subject: str, timestep: int) -> FrameCoeffs:

@@ -54,8 +54,9 @@ def driver_identities(store: Store) -> list[int]:
     return identities_with_held_out_images(store)
 
 
-def _subject_pose(store: Store, identity: int) -> tuple[np.ndarray, float]:
-    """The subject's mean translation (3,) and median scale over all its timesteps."""
+def subject_pose(store: Store, identity: int) -> tuple[np.ndarray, float]:
+    """The subject's mean translation (3,) and median scale over all its timesteps: the
+    cross-driving pose rule keeps the driver's rotation and uses these."""
     rows = store.timestep_rows(identity=identity)
     ts = store.timesteps
     return ts.pose[rows, 3:].astype(np.float64).mean(0), float(np.median(ts.scale[rows]))
@@ -82,7 +83,7 @@ def evaluate_cross(runs: list[RunInfo], store: Store, cfg: EvalConfig, out: Path
     ident = store.identity_index(subject)
     cam = _cross_camera(store, ident, cfg.cameras)
     serial = store.cameras.serial[cam]
-    t_mean, scale = _subject_pose(store, ident)
+    t_mean, scale = subject_pose(store, ident)
     w2c = torch.from_numpy(store.cameras.world_to_cam[cam].astype(np.float32))
     notes: list[str] = []
 
