@@ -135,13 +135,14 @@ def run(quick: bool = False) -> str:
     best = {k: min(v) for k, v in times.items()}
     base = best["decode"]
 
+    fastest = min(best["decode"], best["decode-par"])  # issue #12: report against the faster
+
     def row(label: str, key: str, n: int) -> list[str]:
         return [label, f"{n}", f"{best[key]:.2f}", f"{n / best[key]:.0f}",
-                f"{best[key] / base:.2f}"]
+                f"{best[key] / base:.2f}", f"{best[key] / fastest:.2f}"]
 
     rows = [
-        row("decord alone: one video at a time, decord's own threads (the aim's baseline)",
-            "decode", n_dec),
+        row("decord alone: one video at a time, decord's own threads", "decode", n_dec),
         row(f"decord alone: {cores} videos at a time, one thread each", "decode-par", n_dec),
         row(f"ingest, --workers {cores} (default codec, {DEFAULT_COMPRESSION})",
             DEFAULT_COMPRESSION, images),
@@ -154,8 +155,10 @@ def run(quick: bool = False) -> str:
         f"Synthetic NeRSemble layout, {size}x{size} H.264 colour + alpha-map videos (frames "
         f"with camera noise and fine surface detail, so they cost what real footage costs to "
         f"decode), {images} images (each image = one colour and one alpha frame). Best of "
-        "three runs each, all in one command; time relative to the first row.",
-        table(["run", "images", "seconds", "images/s", "time vs decode"], rows),
+        "three runs each, all in one command; time relative to the first row, and to the "
+        "faster of the two plain decodes (the aim: <= 1.15).",
+        table(["run", "images", "seconds", "images/s", "time vs decode",
+               "time vs best decode"], rows),
         "Resident memory of one process that ingests the same dataset three times into "
         "fresh stores (12 sequences), as images are written: after the first sequences warm "
         "up decoder and allocator pools it stays flat, i.e. it is bounded by a few frames per "
