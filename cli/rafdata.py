@@ -308,10 +308,12 @@ def _human(n: int) -> str:
 # Commands that live in their own modules (one module per area of the toolkit).
 from cli.rafdata_bank import build_bank  # noqa: E402
 from cli.rafdata_coverage import coverage, plot_bank  # noqa: E402
+from cli.rafdata_study import study  # noqa: E402
 
 main.add_command(build_bank)
 main.add_command(coverage)
 main.add_command(plot_bank)
+main.add_command(study)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,11 +24,10 @@ from rafdata.store import copy_store
 from rafmodel.evaluate.runs import load_run, render_avatar
 from rafmodel.targets import render_K
 from rafmodel.train import Runner, TrainConfig
+from tests.browser import chromium, needs_browser
 
 pytest.importorskip("viser")
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 TINY = dict(resolution=24, num_gaussians=200, mlp_width=32, workers=0, device="cpu",
             tensorboard=False)
 
@@ -126,30 +124,16 @@ def test_controls_neighbour_pcs_and_cross_driving(viewer):
     viewer.driver, viewer.frame = next(iter(viewer.drivers)), 0
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="needs Debian's chromium and chromium-driver (apt-get install "
-                           "chromium chromium-driver); .ci/run installs them where it can")
+@needs_browser
 def test_headless_browser_connects_and_receives_the_scene(run_and_store):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (dev extra)")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
     from rafmodel.viewer import Viewer
 
     run, store = run_and_store
     v = Viewer.from_runs([run], store, port=0, device="cpu", render_size=48)
     port = v.port
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=640,480", "--use-angle=swiftshader",
-                "--enable-unsafe-swiftshader", "--no-first-run", "--disable-extensions",
-                "--disable-background-networking", "--disable-component-update"):
-        opts.add_argument(arg)
     driver = None
     try:
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-        driver.set_page_load_timeout(30)
+        driver = chromium(640, 480, webgl=True)
         driver.get(v.url)
         deadline = time.time() + 30
         while time.time() < deadline and not any(v.frames_sent.values()):
