@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 
@@ -175,6 +176,20 @@ def new_file(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file atomically: ``write(f)`` fills a temporary beside ``path`` (binary), which
+    is made durable and renamed over ``path`` (see :func:`new_file`). Returns ``path``."""
+    path = Path(path)
+    with new_file(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``path.write_text(text)`` (UTF-8), atomically: readers see the old file or the new one."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def copy_contents(src: h5py.File, dst: h5py.File, exclude: tuple[str, ...] = ()) -> None:

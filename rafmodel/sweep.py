@@ -210,7 +210,7 @@ class CellState:
 def _write_json(path: Path, doc: Any, durable: bool = True) -> None:
     """Atomic JSON write; ``durable=False`` skips the fsync (progress notes, rewritten often)."""
     if durable:
-        from rafmodel.train import atomic_write_text
+        from rafdata.commit import atomic_write_text
 
         atomic_write_text(path, json.dumps(doc, indent=2))
         return

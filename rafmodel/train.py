@@ -26,7 +26,6 @@ dropped from its batch and counted (``skipped_corrupt`` in metrics.jsonl and sum
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rafdata.commit import TMP_MARK, atomic_write, atomic_write_text  # noqa: F401
 from rafdata.errors import RafDataError
 from rafmodel.avatar import (
     AvatarConfig,
@@ -174,6 +174,10 @@ class Runner:
         started = (self.out / "config.json").exists()
         if resume and not (self.out / "checkpoints" / "last.pt").exists():
             raise RafDataError(self.out, "no checkpoints/last.pt to resume from")
+        if resume:  # temporaries of saves a crash interrupted: never read, so drop them
+            for folder in (self.out, self.out / "checkpoints"):
+                for tmp in folder.glob(f"*{TMP_MARK}*"):
+                    tmp.unlink(missing_ok=True)
         if not resume and started:
             if not (self.out / "checkpoints" / "last.pt").exists():
                 raise RafDataError(self.out, "holds a run that stopped before its first "
@@ -437,51 +441,11 @@ class Runner:
             self._viewer = None
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (where the platform allows opening folders)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: Path) -> Path:
-    """The temporary name ``path`` is written under: same folder (so the rename is atomic),
-    a name no reader looks for (not ``*.pt``, not ``*.jsonl``)."""
-    return path.with_name(f"{path.name}.tmp")
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over
-    ``path``: readers see the old file or the whole new one, never a torn one. A temporary
-    left by a crash is simply overwritten by the next save."""
-    return _atomic_write(Path(path), "wb", lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (as :func:`atomic_torch_save`)."""
-    return _atomic_write(Path(path), "w", lambda f: f.write(text))
-
-
-def _atomic_write(path: Path, mode: str, write: Callable[[Any], object]) -> Path:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # best effort; a leftover is overwritten next time
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """``torch.save`` to a temporary file beside ``path``, made durable, then renamed over
+    ``path`` (rafdata.commit.atomic_write): readers see the old file or the whole new one,
+    never a torn one; a temporary left by a crash is never read."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def truncate_metrics(path: str | Path, step: int) -> int:

@@ -194,8 +194,8 @@ def test_resume_truncates_metrics_and_ignores_leftover_temp_files(bfm_store, tmp
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step_0000003.pt"]
     # what a crash in the middle of a save leaves: torn temporaries beside the checkpoints
-    (ckpts / "last.pt.tmp").write_bytes(b"torn")
-    (ckpts / "step_0000006.pt.tmp").write_bytes(b"torn")
+    (ckpts / "last.pt.tmp-999").write_bytes(b"torn")
+    (ckpts / "step_0000006.pt.tmp-999").write_bytes(b"torn")
     resumed = Runner(TrainConfig(iters=8, **common), warn=lambda m: None, resume=True)
     assert resumed.step == 3 and _steps(out) == [1, 2, 3]  # cut back to the checkpoint
     resumed.train()

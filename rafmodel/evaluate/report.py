@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rafdata.commit import atomic_write_text
 from rafdata.errors import RafDataError
 from rafdata.progress import NullProgress, Progress
 from rafdata.store import Store
@@ -105,7 +106,8 @@ def evaluate(runs: Sequence[str | Path], store_path: str | Path, cfg: EvalConfig
             path = out / "metrics.json" if len(infos) == 1 \
                 else out / safe_name(r.label) / "metrics.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=_json_default))
+            atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False,
+                                               default=_json_default))
             metrics_files.append(str(path))
 
         summary = {
@@ -121,7 +123,7 @@ def evaluate(runs: Sequence[str | Path], store_path: str | Path, cfg: EvalConfig
             **damaged,
             "computed_with": computed_with,
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False,
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False,
                                                      default=_json_default))
     finally:
         store.close()
