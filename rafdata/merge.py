@@ -40,7 +40,6 @@ from rafdata.store import (
     FORMAT_VERSION,
     POSE_DIM,
     _str_list,
-    check_format,
     create_column,
     find_identity,
     open_h5,
@@ -93,15 +92,18 @@ def committed_segments(f: h5py.File) -> list[str]:
     return _str_list(f["segments/file"], n)
 
 
-def pending_segments(store: str | Path) -> list[Path]:
+def pending_segments(store: str | Path, main: Tables | None = None) -> list[Path]:
     """Finished segment files in ``store.h5.parts`` that the main file does not reference
-    yet (committed units of a run that stopped before its merge)."""
+    yet (committed units of a run that stopped before its merge). ``main``: the main file's
+    tables when the caller has read them already (else it is opened here)."""
     store = Path(store)
     folder = parts_dir(store)
     if not folder.is_dir():
         return []
     known: set[str] = set()
-    if store.exists():
+    if main is not None:
+        known = {Path(n).name for n in main.column("segments", "file", _STR)}
+    elif store.exists():
         f = open_h5(store, "r")
         try:
             known = {Path(name).name for name in committed_segments(f)}
@@ -128,25 +130,15 @@ def segment_order(state: dict[str, Any]) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------------------------
 def read_main(store: Path) -> tuple[Tables, dict[str, Any], int]:
-    """Tables, root attributes and format version of an existing main file."""
-    f = open_h5(store, "r")
-    try:
-        check_format(f, store)
-        version = int(f.attrs["format_version"])
-        state = read_segment_state(store, segment=False)
-        t = Tables()
-        _append_state(t, state, store, segment_name=None)
-        for name in ("file", "image_start", "image_count", "sequence_start", "sequence_count"):
-            if "segments" in f and name in f["segments"]:
-                n = int(f["segments"].attrs.get("rows", 0))
-                vals = (_str_list(f["segments"][name], n) if name == "file"
-                        else f["segments"][name][:n])
-                t.cols["segments"][name] = [np.asarray(vals, dtype=object if name == "file"
-                                                       else np.int64)]
-                t.n["segments"] = n
-        return t, state["attrs"], version
-    finally:
-        f.close()
+    """Tables, root attributes and format version of an existing main file (read and
+    checked once, through the reader)."""
+    state = read_segment_state(store, segment=False)
+    t = Tables()
+    _append_state(t, state, store, segment_name=None)
+    for name, values in state["segments"].items():
+        t.cols["segments"][name] = [values]
+        t.n["segments"] = len(values)
+    return t, state["attrs"], int(state["attrs"]["format_version"])
 
 
 def _append_state(t: Tables, s: dict[str, Any], path: Path, segment_name: str | None) -> None:
@@ -313,7 +305,7 @@ def merge(store: str | Path, segments: Sequence[Path] | None = None,
         if rebuild:
             todo = sorted(parts_dir(store).glob(f"*{SEGMENT_SUFFIX}"))
         else:
-            todo = list(pending_segments(store) if segments is None else segments)
+            todo = list(pending_segments(store, old) if segments is None else segments)
         if version < 2 and old is not None and old.n["images"] + old.n["timesteps"]:
             todo.insert(0, _link_legacy(store))
             old = None  # its rows come back through the legacy segment, first

@@ -333,6 +333,7 @@ def read_segment_state(path: Path, segment: bool = True) -> dict[str, Any]:
                            "mask_crc": st.image_mask_crc},
                 "image_shape": tuple(im["rgb"].shape) if "rgb" in im else None,
                 "compression": im.attrs.get("compression", ""),
+                "segments": _segment_table(f),
             }
             if not st.exp_dim:
                 out["timesteps"].pop("exp")
@@ -344,6 +345,18 @@ def read_segment_state(path: Path, segment: bool = True) -> dict[str, Any]:
     if isinstance(out["compression"], bytes):
         out["compression"] = out["compression"].decode()
     return out
+
+
+def _segment_table(f: h5py.File) -> dict[str, np.ndarray]:
+    """A main file's /segments columns (empty for segments and format-1 files)."""
+    from rafdata.store import _str_list
+
+    if "segments" not in f:
+        return {}
+    g = f["segments"]
+    n = int(g.attrs.get("rows", 0))
+    return {name: (np.array(_str_list(ds, n), dtype=object) if ds.dtype.kind == "O"
+                   else ds[:n]) for name, ds in g.items()}
 
 
 def _write_chunk(ds: h5py.Dataset, row: int, image: EncodedImage) -> None:

@@ -632,24 +632,24 @@ class Store:
 
     def read_rgb(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8 image ``index``; CorruptImageError when its bytes are damaged."""
-        self._check_image_index(index)
-        rgb, _, row, blosc, path = self._locate(index)
-        out = self._decode(rgb, row, blosc, index, path, "image")
-        if self.verify_crc and zlib.crc32(out) != int(self.image_crc[index]):
-            raise CorruptImageError(self.path, index, "colour fails its CRC-32 (damaged bytes "
-                                    f"in {path.name})")
-        return out
+        return self._read_checked(index, 0, self.image_crc, "colour")
 
     def read_mask(self, index: int) -> np.ndarray | None:
         """(H, W) uint8 matte of image ``index`` or None when the source had none."""
         self._check_image_index(index)
         if not self.image_has_mask[index]:
             return None
-        _, mask, row, blosc, path = self._locate(index)
-        out = self._decode(mask, row, blosc, index, path, "matte")
-        if self.verify_crc and zlib.crc32(out) != int(self.image_mask_crc[index]):
-            raise CorruptImageError(self.path, index, "matte fails its CRC-32 (damaged bytes "
-                                    f"in {path.name})")
+        return self._read_checked(index, 1, self.image_mask_crc, "matte")
+
+    def _read_checked(self, index: int, which: int, crcs: np.ndarray, what: str) -> np.ndarray:
+        """Image ``index`` of dataset ``which`` (0 colour, 1 matte), its CRC-32 checked."""
+        self._check_image_index(index)
+        located = self._locate(index)
+        ds, row, blosc, path = located[which], located[2], located[3], located[4]
+        out = self._decode(ds, row, blosc, index, path, what)
+        if self.verify_crc and zlib.crc32(out) != int(crcs[index]):
+            raise CorruptImageError(self.path, index, f"{what} fails its CRC-32 (damaged "
+                                    f"bytes in {path.name})")
         return out
 
     def _decode(self, ds: h5py.Dataset, row: int, blosc: bool, index: int, path: Path,

@@ -22,6 +22,7 @@ from rafdata.errors import StoreError
 from rafdata.lock import WriterLock
 from rafdata.merge import (
     MergeReport,
+    Tables,
     merge,
     pending_segments,
     read_main,
@@ -154,14 +155,14 @@ class StoreWriter(SegmentSink):
         self.identities: list[str] = []
         self._done: set[tuple[str, str]] = set()
         self.ctx = SegmentContext(self.compression, store=self.path)
-        if self.path.exists():
-            self._take_main()
-        self.pending = pending_segments(self.path)
+        main = self._take_main() if self.path.exists() else None
+        self.pending = pending_segments(self.path, main)
         for p in self.pending:
             self._take_segment(read_segment_state(p))
         self.ctx.compression = self.compression
 
-    def _take_main(self) -> None:
+    def _take_main(self) -> Tables:
+        """Learn the committed state from the main file; returns its tables."""
         t, attrs, _ = read_main(self.path)
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
         self.identities = list(t.identities)
@@ -173,6 +174,7 @@ class StoreWriter(SegmentSink):
         for (i, serial), j in t.cameras.items():
             ctx.cameras[(t.identities[i], serial)] = (t.K[j], t.world_to_cam[j])
         self._done |= {(t.identities[i], name) for i, name in t.done}
+        return t
 
     def _take_segment(self, st: dict[str, Any]) -> None:
         """Fold a committed, not yet merged segment into what new segments must agree with."""
