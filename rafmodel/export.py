@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rafdata.commit import atomic_write
 from rafdata.errors import RafDataError
 from rafmodel.evaluate.cross_driving import subject_pose  # the eval's pose rule, shared
 
@@ -96,16 +97,8 @@ def write_ply(path: str | Path, means: Tensor, quats: Tensor, scales: Tensor,
               + "end_header\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.encode("ascii"))
-            f.write(np.ascontiguousarray(data).tobytes())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    body = np.ascontiguousarray(data).tobytes()
+    return atomic_write(path, lambda f: (f.write(header.encode("ascii")), f.write(body)))
 
 
 def read_ply(path: str | Path) -> PlyGaussians:

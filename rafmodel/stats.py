@@ -71,8 +71,9 @@ def load_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
 
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir() and any(p.rglob("cell.json")):
-            files += sorted(p.rglob("cell.json"))
+        cells = sorted(p.rglob("cell.json")) if p.is_dir() else []
+        if cells:
+            files += cells
         elif p.is_file() and p.name == "cell.json":
             files.append(p)
         else:

@@ -134,7 +134,7 @@ class SweepConfig:
         for cell in self.cells():  # every combination must be a valid TrainConfig
             try:
                 cell.train_config().validate()
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, RafDataError) as err:  # validate raises the last
                 raise RafDataError(None, f"cell {cell.name}: {err}") from None
         from rafdata.store import Store
 

@@ -71,9 +71,6 @@ class TensorBoardLog:
             arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
         self.writer.add_image(tag, arr, global_step=step, dataformats="HWC")
 
-    def flush(self) -> None:
-        self.writer.flush()
-
     def close(self) -> None:
         self.writer.close()
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from rafdata.errors import RafDataError
+from rafmodel.evaluate.frames import cameras_of
 from rafmodel.export import driving_coeffs, subject_pose
 
 FRONTAL_SERIAL = "222200037"  # the camera a browser starts at when the subject has it
@@ -256,7 +257,7 @@ class Viewer:
         st = self.store
         t_mean, _ = subject_pose(st, self._subject)
         self.head_center = t_mean
-        cams = [c for c in range(len(st.cameras)) if int(st.cameras.identity[c]) == self._subject]
+        cams = cameras_of(st, self._subject)
         self.cameras: dict[str, int] = {st.cameras.serial[c]: c for c in cams}
         self.camera_nodes = {}
         up = np.zeros(3)

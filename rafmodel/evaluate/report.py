@@ -56,7 +56,9 @@ def evaluate(runs: Sequence[str | Path], store_path: str | Path, cfg: EvalConfig
         lpips = _load_lpips(cfg, device, progress)
         regressor = _resolve_regressor(cfg.regressor, device, store,
                                        sorted({r.subject for r in infos}))
-        tracked = regressor is not None and _same_space(regressor, store)
+        from rafmodel.regressor import same_space
+
+        tracked = regressor is not None and same_space(regressor, store)
         emotion, emotion_note = _resolve_emotion(cfg.emotion, device)
         if emotion_note:
             progress.warn(emotion_note)
@@ -200,12 +202,6 @@ def _resolve_regressor(spec: Any, device: torch.device, store: Store,
     # Any expression space: AED compares the regressor's read-outs of two images.
     check_regressor(spec, store, subjects, require_store_space=False)
     return spec
-
-
-def _same_space(regressor, store: Store) -> bool:
-    from rafmodel.regressor import same_space
-
-    return same_space(regressor, store)
 
 
 def _resolve_emotion(spec: Any, device: torch.device):
