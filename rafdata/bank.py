@@ -710,7 +710,7 @@ class _BankCheck:
         blob = self.check_hnsw(g, attrs, members)
         if self.problems or members is None or index is None or dist is None:
             return None
-        return BankTables(self.name, members, index.astype(np.int64), dist.astype(np.float32),
+        return BankTables(self.name, members, index.astype(np.int64, copy=False), dist.astype(np.float32, copy=False),
                           attrs, nb_attrs, blob)
 
     def check_members(self, m: np.ndarray, n_t: int, held: np.ndarray) -> np.ndarray | None:
@@ -757,7 +757,7 @@ class _BankCheck:
         def first_row(mask: np.ndarray) -> int:
             return int(np.flatnonzero(mask.any(axis=1))[0])
 
-        idx = index.astype(np.int64)
+        idx = index.astype(np.int64, copy=False)
         neg = idx < 0
         if neg.any():
             # build_bank never pads (it refuses a k that some timestep cannot fill), so a

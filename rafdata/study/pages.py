@@ -13,17 +13,9 @@ import numpy as np
 from rafdata.errors import SourceError
 from rafdata.store import Store
 from rafdata.study.keyfile import KeyRow
+from rafdata.synth.geometry import rodrigues
 
 FORWARD = np.array([0.0, 0.0, 1.0])  # the face looks along canonical +z (BFM and FLAME)
-
-
-def _rodrigues(v: np.ndarray) -> np.ndarray:
-    theta = float(np.linalg.norm(v))
-    if theta < 1e-12:
-        return np.eye(3)
-    k = v / theta
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(theta) * kx + (1 - np.cos(theta)) * kx @ kx
 
 
 def frontal_camera(st: Store, t: int, cameras: np.ndarray) -> int:
@@ -69,7 +61,7 @@ def crop_face(rgb: np.ndarray, mask: np.ndarray | None, size: int,
 
 def _facing(pose: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pose = pose.astype(np.float64)
-    return pose[3:], _rodrigues(pose[:3]) @ FORWARD
+    return pose[3:], rodrigues(pose[:3]) @ FORWARD
 
 
 def most_frontal(pose: np.ndarray, world_to_cams: list[np.ndarray]) -> int:
