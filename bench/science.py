@@ -78,7 +78,7 @@ def measure(size: str, keep: bool = False) -> tuple[str, dict]:
         bad = [f"{c['subject']}/{c['method']}/seed{c['seed']}: {c['error']}"
                for c in status["cells"] if c["state"] == "failed"]
         raise SystemExit("science sweep: failed cells: " + "; ".join(bad))
-    summary = compare_stats([out], baseline="vanilla")
+    summary = compare_stats([out], baseline=stats.BASELINE)
     summary["columns"] = [c for c in summary["columns"] if c["key"] in KEYS]
     stats.plot(summary, out / "science.png")
     lines = stats.verdicts(summary, "raf", KEYS) + stats.verdicts(summary, "noise", KEYS)
@@ -88,10 +88,11 @@ def measure(size: str, keep: bool = False) -> tuple[str, dict]:
     losses = [c["header"] for c in summary["columns"]
               if raf[c["key"]]["significant"] and not raf[c["key"]]["better"]]
     if wins:
-        plain = ("RAF's advantage over vanilla IS significant (95% CI excludes 0) on: "
-                 + ", ".join(wins) + ".")
+        plain = (f"RAF's advantage over {stats.BASELINE} IS significant (95% CI excludes 0) "
+                 "on: " + ", ".join(wins) + ".")
     else:
-        plain = "RAF's advantage over vanilla is NOT significant on any metric at this size."
+        plain = (f"RAF's advantage over {stats.BASELINE} is NOT significant on any metric at "
+                 "this size.")
     if losses:
         plain += " RAF is significantly worse on: " + ", ".join(losses) + "."
     others = [c["header"] for c in summary["columns"] if c["header"] not in wins + losses]

@@ -11,12 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import FriendlyGroup, split_list
-from rafdata.codecs import COMPRESSIONS, DEFAULT_COMPRESSION
+from rafdata.codecs import COMPRESSIONS
+from rafdata.config import LAYOUTS, TRACKING_FORMATS, IngestConfig
 from rafdata.errors import RafDataError
 from rafdata.progress import RichProgress
 
 console = Console(soft_wrap=True)  # long paths must stay on one line
 MAX_ROWS = 40  # longer tables are summarised in the terminal; --json has every row
+_I = IngestConfig()  # ingest's defaults, shown and passed by the options below
 
 
 @click.group(cls=FriendlyGroup)
@@ -52,10 +54,6 @@ def synth(out: Path, participants, sequences, cameras, frames, frame_step, width
 
     from rafdata.synth import SynthConfig, write_dataset, write_gha_dataset
 
-    if layout == "gha" and (no_alpha or tracking not in (None, "bfm")):
-        # GHA's preprocessing always leaves BFM params and masks: these would be ignored.
-        raise RafDataError(None, "the gha layout always holds BFM params/ and mask_*.jpg: "
-                           "--tracking flame|both and --no-alpha are for the nersemble layout")
     cfg = SynthConfig()
     given = {
         "participants": split_list(participants), "sequences": split_list(sequences),
@@ -66,6 +64,8 @@ def synth(out: Path, participants, sequences, cameras, frames, frame_step, width
     cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if no_alpha:
         cfg = replace(cfg, alpha_maps=False)
+    if layout == "gha":
+        cfg.check_gha()
     writer = write_gha_dataset if layout == "gha" else write_dataset
     with RichProgress(quiet) as progress:
         writer(out, cfg, progress=progress.callback("rendering"))
@@ -80,31 +80,30 @@ def synth(out: Path, participants, sequences, cameras, frames, frame_step, width
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
               help="Store file to create or append to.")
-@click.option("--layout", type=click.Choice(["auto", "nersemble", "gha"]), default="auto",
-              show_default=True)
+@click.option("--layout", type=click.Choice(LAYOUTS), default=_I.layout, show_default=True)
 @click.option("--tracking", "tracking_root", type=click.Path(path_type=Path), default=None,
               help="Root of the tracking tree (default: SRC).")
-@click.option("--tracking-format", type=click.Choice(["auto", "bfm", "flame"]), default="auto",
-              show_default=True)
-@click.option("--flame-exp", default="expression+jaw", show_default=True,
+@click.option("--tracking-format", type=click.Choice(TRACKING_FORMATS),
+              default=_I.tracking_format, show_default=True)
+@click.option("--flame-exp", default=_I.flame_exp, show_default=True,
               help="FLAME parts forming the expression vector (expression, jaw, neck, eyes).")
 @click.option("--participants", default=None, help="Only these participant ids.")
 @click.option("--sequences", default=None, help="Only these sequences.")
 @click.option("--cameras", default=None, help="Only these camera serials.")
-@click.option("--held-out", default="FREE", show_default=True,
+@click.option("--held-out", default=",".join(_I.held_out), show_default=True,
               help="Sequences kept out of banks and training (test drivers).")
 @click.option("--images-for", default=None,
               help="Store images only for these participants (others: coefficients only).")
 @click.option("--no-images", is_flag=True, help="Coefficients only; no video is opened.")
-@click.option("--every", type=int, default=1, show_default=True,
+@click.option("--every", type=int, default=_I.every, show_default=True,
               help="Keep every n-th tracked frame.")
 @click.option("--crop", type=int, nargs=4, default=None, metavar="X Y W H",
               help="Crop box in source pixels (padded where it leaves the frame).")
 @click.option("--size", type=int, nargs=2, default=None, metavar="W H", help="Output size.")
 @click.option("--color-correct", is_flag=True, help="Apply color_calibration.json.")
-@click.option("--workers", type=int, default=None, help="Decoding threads (default: cores).")
-@click.option("--compression", type=click.Choice(list(COMPRESSIONS)),
-              default=DEFAULT_COMPRESSION,
+@click.option("--workers", type=int, default=None,
+              help="Decoding threads (default: the cores available, at most 8).")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default=_I.compression,
               show_default=True)
 @click.option("--strict", is_flag=True, help="Stop on a bad camera instead of skipping it.")
 @click.option("--ray", "use_ray", is_flag=True,
@@ -121,9 +120,14 @@ def ingest(src: Path, out: Path, layout, tracking_root, tracking_format, flame_e
            color_correct, workers, compression, strict, use_ray, address, shard_dir,
            quiet) -> None:
     """Ingest videos, calibration and tracking under SRC into the store OUT (resumable)."""
-    from rafdata.ingest import IngestConfig, default_workers
+    if (address or shard_dir) and not use_ray:
+        raise RafDataError(None, "--address and --shard-dir go with --ray")
     from rafdata.ingest import ingest as run_ingest
 
+    if use_ray:
+        from rafdata.distributed import ingest_distributed, task_workers
+
+        workers = task_workers(workers)
     cfg = IngestConfig(
         layout=layout, tracking_root=tracking_root, tracking_format=tracking_format,
         flame_exp=flame_exp, participants=split_list(participants),
@@ -131,15 +135,11 @@ def ingest(src: Path, out: Path, layout, tracking_root, tracking_format, flame_e
         held_out=split_list(held_out) or (), images_for=split_list(images_for),
         no_images=no_images, every=every, crop=tuple(crop) if crop else None,
         size=tuple(size) if size else None, color_correct=color_correct,
-        workers=workers or (1 if use_ray else default_workers()), compression=compression,
-        strict=strict,
+        compression=compression, strict=strict,
+        **({} if workers is None else {"workers": workers}),  # else the library's default
     )
-    if (address or shard_dir) and not use_ray:
-        raise RafDataError(None, "--address and --shard-dir go with --ray")
     with RichProgress(quiet) as progress:
         if use_ray:
-            from rafdata.distributed import ingest_distributed
-
             report = ingest_distributed(src, out, cfg, progress, address, shard_dir)
         else:
             report = run_ingest(src, out, cfg, progress)
@@ -164,12 +164,10 @@ def consolidate(store: Path, rebuild: bool, quiet: bool) -> None:
     Ingest does this itself at its end; run it after a killed ingest or a distributed one
     whose driver stopped, or with --rebuild when the main file is damaged.
     """
-    from rafdata.merge import merge
-    from rafdata.store import store_files
+    from rafdata.merge import consolidate as run_consolidate
 
-    if not store.exists() and len(store_files(store)) == 1:
-        raise RafDataError(store, "no such store file and no segment folder beside it")
-    report = merge(store, rebuild=rebuild)
+    with RichProgress(quiet) as progress:
+        report = run_consolidate(store, rebuild=rebuild, progress=progress)
     if not quiet:
         console.print(f"{store}: {'rebuilt from' if rebuild else 'merged'} "
                       f"{len(report.merged)} segments ({report.sequences} sequences, "

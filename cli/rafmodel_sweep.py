@@ -17,16 +17,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cli.common import split_list
-from rafdata.errors import RafDataError
-from rafmodel.config import BACKENDS, DEVICES, STRATEGIES, TrainConfig
+from rafmodel.config import TRAIN_CHOICES, EvalConfig, TrainConfig
+from rafmodel.sweep import CELL_KEYS, METHODS, SweepConfig
 
 # TrainConfig fields the sweep sets per cell or that have no plain command-line form
-_NOT_OPTIONS = {"store", "subject", "out", "seed", "aug", "p", "topk", "bank", "noise_std",
-                "background", "loss", "densify", "viewer", "viewer_port"}
+_NOT_OPTIONS = {*CELL_KEYS, "background", "loss", "densify", "viewer", "viewer_port"}
 _NONE_MEANS = {"epochs": "none, --iters decides", "workers": "cpus per run - 1",
                "cameras": "all"}
-_CHOICES = {"device": DEVICES, "backend": BACKENDS, "strategy": STRATEGIES}
 
 
 def _train_options() -> list[click.Option]:
@@ -47,7 +44,7 @@ def _train_options() -> list[click.Option]:
             opts.append(click.Option([flag, f.name], default=None, help=help_ +
                                      " Comma separated."))
         else:
-            typ: Any = _CHOICES.get(f.name)
+            typ: Any = TRAIN_CHOICES.get(f.name)
             typ = click.Choice(typ) if typ else (int if kind.startswith("int") else
                                                  float if kind.startswith("float") else str)
             opts.append(click.Option([flag, f.name], type=typ, default=None, help=help_))
@@ -73,37 +70,16 @@ def _sweep(store, grid, subjects, methods, seeds, out, address, gpus_per_run, cp
     Resumable: rerunning the same command skips finished cells and resumes interrupted ones
     exactly. Without --address a local Ray starts and stops with the command.
     """
-    from rafmodel.sweep import SweepConfig, cell_rows, load_grid, run_sweep
+    from rafmodel.sweep import cell_rows, grid_config, load_grid, run_sweep
 
-    doc = load_grid(grid) if grid else {}
-    train_settings = {**doc.get("train", {}),
-                      **{k: v for k, v in train.items() if v is not None}}
-    for key in ("cameras",):
-        if isinstance(train_settings.get(key), str):
-            train_settings[key] = split_list(train_settings[key])
-    loss = {k: str(v) for k, v in (("vgg_weights", vgg_weights),
-                                   ("lpips_weights", lpips_weights)) if v is not None}
-    if loss:
-        train_settings["loss"] = {**train_settings.get("loss", {}), **loss}
-    evaluation = {**doc.get("evaluation", {}), **{k: v for k, v in (
-        ("frames", eval_frames), ("drivers", split_list(eval_drivers)),
-        ("cameras", split_list(eval_cameras)), ("regressor", regressor),
-        ("emotion", emotion), ("videos", videos)) if v is not None}}
-    for key in ("drivers", "cameras"):
-        if isinstance(evaluation.get(key), list):
-            evaluation[key] = tuple(str(v) for v in evaluation[key])
-    picked = {"subjects": split_list(subjects), "methods": split_list(methods),
-              "seeds": tuple(int(s) for s in split_list(seeds)) if seeds else None}
-    grid_cfg = {k: picked[k] or doc.get(k) for k in picked}
-    if not grid_cfg["subjects"]:
-        raise RafDataError(None, "give --subjects (or subjects in the --grid file)")
-    cfg = SweepConfig(store=str(store), out=str(out),
-                      **{k: v for k, v in grid_cfg.items() if v},
-                      method_defs=doc.get("method_defs", {}), train=train_settings,
-                      evaluation=evaluation, address=address,
-                      **{k: v for k, v in (("gpus_per_run", gpus_per_run),
-                                           ("cpus_per_run", cpus_per_run),
-                                           ("retries", retries)) if v is not None})
+    cfg = grid_config(
+        store, out, load_grid(grid) if grid else None, subjects=subjects, methods=methods,
+        seeds=seeds,
+        train={**train, "loss": {"vgg_weights": vgg_weights, "lpips_weights": lpips_weights}},
+        evaluation={"frames": eval_frames, "drivers": eval_drivers, "cameras": eval_cameras,
+                    "regressor": regressor, "emotion": emotion, "videos": videos},
+        gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, retries=retries,
+        address=address)
     console = Console(stderr=True)
     if quiet:
         status = run_sweep(cfg)
@@ -124,8 +100,6 @@ def _sweep(store, grid, subjects, methods, seeds, out, address, gpus_per_run, cp
 
 
 def _build() -> click.Command:
-    from rafmodel.sweep import SweepConfig
-
     d = {f.name: f.default for f in fields(SweepConfig) if f.default is not MISSING}
     params = [
         click.Argument(["store"], type=click.Path(path_type=Path)),
@@ -133,12 +107,12 @@ def _build() -> click.Command:
                      help="TOML (or YAML) grid file: subjects, methods, seeds, [train], "
                      "[eval], [methods_def.NAME]; options given here override it."),
         click.Option(["--subjects"], default=None, help="Comma separated, e.g. 388,422."),
-        click.Option(["--methods"], default=None, help="Comma separated from: vanilla, noise, "
-                     "raf, raf-top5, raf-half0, raf-half1 (or the grid file's) [default: "
+        click.Option(["--methods"], default=None, help="Comma separated from: "
+                     + ", ".join(METHODS) + " (or the grid file's) [default: "
                      + ",".join(d["methods"]) + "]."),
         click.Option(["--seeds"], default=None,
                      help="Comma separated [default: " + ",".join(map(str, d["seeds"])) + "]."),
-        click.Option(["--out"], type=click.Path(path_type=Path), default=Path("sweep"),
+        click.Option(["--out"], type=click.Path(path_type=Path), default=Path(d["out"]),
                      show_default=True, help="Sweep folder: OUT/SUBJECT/METHOD/seedN, "
                      "OUT/sweep/status.json."),
         click.Option(["--address"], default=None,
@@ -155,9 +129,10 @@ def _build() -> click.Command:
         click.Option(["--eval-drivers"], default=None, help="eval --drivers for every cell."),
         click.Option(["--eval-cameras"], default=None, help="eval --cameras for every cell."),
         click.Option(["--regressor"], default=None, help="eval --regressor for every cell."),
-        click.Option(["--emotion"], default=None, help="eval --emotion for every cell."),
-        click.Option(["--videos/--no-videos"], default=None,
-                     help="eval videos and grids [default: on]."),
+        click.Option(["--emotion"], default=None, help="eval --emotion for every cell "
+                     f"[default: {EvalConfig.emotion}]."),
+        click.Option(["--videos/--no-videos"], default=None, help="eval videos and grids "
+                     f"[default: {'on' if EvalConfig.videos else 'off'}]."),
         click.Option(["--vgg-weights"], type=click.Path(path_type=Path), default=None),
         click.Option(["--lpips-weights"], type=click.Path(path_type=Path), default=None),
         click.Option(["--quiet"], is_flag=True, help="No live table."),

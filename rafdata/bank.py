@@ -53,7 +53,6 @@ import os
 import struct
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (the store's image filters must be registered in every process)
 import numpy as np
 
+from rafdata.checksum import crc32
 from rafdata.commit import rewrite_main
 from rafdata.config import BankConfig, default_threads  # noqa: F401  (re-exported)
 from rafdata.errors import StoreError
@@ -488,9 +488,10 @@ def leftover_paths(f: h5py.File) -> tuple[str, ...]:
 
 
 @contextmanager
-def _opened(store: str | Path | Store) -> Iterator[Store]:
-    """The store itself, or a Store of the path closed on exit (a later writer in this
-    process needs every read handle closed)."""
+def opened(store: str | Path | Store) -> Iterator[Store]:
+    """The store itself (left open: it is the caller's), or a Store of the path, closed on
+    exit (a later writer in this process needs every read handle closed). The one way the
+    store readers (banks, coverage, plots) accept either."""
     if isinstance(store, Store):
         yield store
         return
@@ -503,7 +504,7 @@ def _opened(store: str | Path | Store) -> Iterator[Store]:
 
 def bank_names(store: str | Path | Store) -> list[str]:
     """Names of the banks in a store, sorted (leftover ``.tmp-*`` groups are skipped)."""
-    with _opened(store) as st:
+    with opened(store) as st:
         return sorted(n for n in _link_names(st.h5(), st.path) if not is_leftover(n))
 
 
@@ -587,7 +588,7 @@ def built_with_hnsw(attrs: dict[str, Any]) -> bool:
 
 
 def _attrs(obj: h5py.Group | h5py.Dataset) -> dict[str, Any]:
-    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in obj.attrs.items()}
+    return {k: plain_attr(v) for k, v in obj.attrs.items()}
 
 
 # hnswlib's save_index header (hnswalg.h, saveIndex): offsetLevel0, max_elements,
@@ -833,7 +834,7 @@ class _BankCheck:
             return None
         want = attrs.get(HNSW_CRC_ATTR)
         if want is not None:
-            got = zlib.crc32(np.ascontiguousarray(blob))
+            got = crc32(np.ascontiguousarray(blob))
             if got != int(want):
                 self.fail("/hnsw", f"CRC-32 {got:08x} differs from the stored {int(want):08x}: "
                                    "the index bytes are damaged")
@@ -868,7 +869,7 @@ def read_bank(store: str | Path | Store, name: str = "full", *, hnsw: bool = Fal
     header do not match (every reader refuses the same damage, even one that does not use the
     index). ``hnsw``: keep the index bytes in the result (:class:`Bank` loads them).
     """
-    with _opened(store) as st:
+    with opened(store) as st:
         names = bank_names(st)
         if name not in names:
             raise StoreError(st.path, _no_bank(name, names))
@@ -1109,7 +1110,7 @@ def _write_bank(
             blob = np.ascontiguousarray(index_bytes, np.uint8)
             g.create_dataset("hnsw", data=blob, chunks=(max(1, min(len(blob), 1 << 20)),),
                              fletcher32=True)
-            group_attrs = {**group_attrs, HNSW_CRC_ATTR: zlib.crc32(blob)}
+            group_attrs = {**group_attrs, HNSW_CRC_ATTR: crc32(blob)}
         nb = g.create_group("neighbors")
         t, k = nb_index.shape
         chunk_rows = max(1, min(t, 65536))
@@ -1159,7 +1160,7 @@ class Bank:
              threads: int | None = None) -> Bank:
         """Read bank ``name``; StoreError (one line) when it is missing or damaged
         (:func:`read_bank`'s checks, the hnsw bytes' CRC-32 and header included)."""
-        with _opened(store) as st:
+        with opened(store) as st:
             return cls._load(st, name, threads)
 
     @classmethod

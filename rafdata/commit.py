@@ -85,6 +85,39 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+# A segment starts its writeback every so many bytes, so that the fsync committing it finds
+# little left to write: otherwise the last segment's fsync is idle time at the end of a run
+# (~40 ms per 100 MB measured), and dirty pages pile up in memory on long runs.
+WRITEBACK_EVERY = 16 << 20
+
+
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None."""
+    import ctypes
+    import ctypes.util
+
+    if not os.uname().sysname == "Linux":
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)\
+            .sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing dirty pages, do not wait
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages now, without waiting for them (a
+    no-op where ``sync_file_range`` is missing). Durability still comes from fsync."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 class GuardedFile(io.FileIO):
     """A file for HDF5's file-object driver that stops writing after its first failure.
 
@@ -96,15 +129,21 @@ class GuardedFile(io.FileIO):
     """
 
     failed: OSError | None = None
+    _unflushed = 0  # bytes written since writeback was last started
 
     def write(self, b) -> int:
         if self.failed is not None:
             return len(memoryview(b))
         try:
-            return super().write(b)
+            n = super().write(b)
         except OSError as err:
             self.failed = err
             raise
+        self._unflushed += n
+        if self._unflushed >= WRITEBACK_EVERY:
+            self._unflushed = 0
+            start_writeback(self.fileno())
+        return n
 
     def flush(self) -> None:
         if self.failed is None:

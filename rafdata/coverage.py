@@ -14,20 +14,21 @@ better for all of them:
 The metric functions take numpy arrays (N, D) and compute pairwise quantities in row blocks
 with torch (CPU), so tens of thousands of vectors per side take seconds and memory stays at a
 few blocks of ``_BLOCK_ELEMS`` floats. :func:`subject_coverage` and :func:`all_subjects` run the
-analysis on a store with a bank (``rafdata build-bank``); see docs/coverage.md.
+analysis on a store with a bank (``rafdata build-bank``), :func:`coverage_report` either for
+``rafdata coverage``; see docs/coverage.md.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rafdata.bank import neighbor_table
+from rafdata.bank import neighbor_table, opened
 from rafdata.config import CoverageConfig, config_dict  # noqa: F401  (re-exported)
 from rafdata.errors import StoreError
 from rafdata.progress import NullProgress, Progress
@@ -368,8 +369,7 @@ def split_drivers(store: str | Path | Store, tokens: Sequence[str]
     A token that names a sequence of the store is a driver sequence; ``images`` or an identity
     of the store is a driver identity; anything else is a StoreError naming the store.
     """
-    st, own = _open(store)
-    try:
+    with opened(store) as st:
         seqs = set(st.sequences.name)
         s_out, i_out, bad = [], [], []
         for t in tokens:
@@ -384,9 +384,6 @@ def split_drivers(store: str | Path | Store, tokens: Sequence[str]
                              f"an identity of the store (sequences: "
                              f"{', '.join(sorted(seqs))}; or `images`)")
         return tuple(s_out) or None, tuple(i_out) or None
-    finally:
-        if own:
-            st.close()
 
 
 def _prepare_target(store: Store, rows: np.ndarray, cfg: CoverageConfig) -> _Target:
@@ -424,10 +421,6 @@ def _change(vanilla: dict[str, float], raf: dict[str, float]) -> dict[str, float
         v = vanilla[m]
         out[m] = 100.0 * (raf[m] - v) / abs(v) if v != 0 else float("nan")
     return out
-
-
-def _open(store: str | Path | Store) -> tuple[Store, bool]:
-    return (store, False) if isinstance(store, Store) else (Store(store), True)
 
 
 def _train_rows(store: Store, ident: int, driver_rows: np.ndarray) -> np.ndarray:
@@ -495,17 +488,13 @@ def subject_coverage(store: str | Path | Store, subject: str,
     store without the bank, or a subject without training timesteps.
     """
     cfg = cfg or CoverageConfig()
-    st, own = _open(store)
-    try:
+    with opened(store) as st:
         cfg.validate(st.path)
         nb = _top1(st, cfg.bank)
         st.identity_index(subject)  # unknown subject: StoreError before any work
         drivers = _driver_rows(st, cfg)
         target = _prepare_target(st, drivers, cfg) if cfg.include_own_drivers else None
         return _subject(st, subject, cfg, nb, drivers, target)
-    finally:
-        if own:
-            st.close()
 
 
 def subjects_with_drivers(store: Store, cfg: CoverageConfig) -> list[str]:
@@ -534,8 +523,7 @@ def all_subjects(store: str | Path | Store, cfg: CoverageConfig | None = None,
     """
     cfg = cfg or CoverageConfig()
     progress = progress or NullProgress()
-    st, own = _open(store)
-    try:
+    with opened(store) as st:
         cfg.validate(st.path)
         nb = _top1(st, cfg.bank)
         drivers = _driver_rows(st, cfg)
@@ -556,8 +544,24 @@ def all_subjects(store: str | Path | Store, cfg: CoverageConfig | None = None,
         if not rows:
             raise StoreError(st.path, "no identity with both driver and training timesteps")
         return {"subjects": rows, "average": average_row(rows), "config": config_dict(cfg)}
-    finally:
-        if own:
-            st.close()
 
 
+def coverage_report(store: str | Path | Store, cfg: CoverageConfig | None = None, *,
+                    subject: str | None = None, drivers: Sequence[str] | None = None,
+                    progress: Progress | None = None) -> dict:
+    """`rafdata coverage`: :func:`subject_coverage` of ``subject``, or :func:`all_subjects`
+    when it is None, on one opening of the store.
+
+    drivers: the words of ``--drivers`` (sequence names and/or identities, or ``images``),
+    sorted into ``cfg.drivers`` and ``cfg.driver_identities`` by :func:`split_drivers`; None
+    keeps those of ``cfg``. Returns ``{"subjects": [row, ...], "config": {...}}`` plus
+    ``"average"`` for all subjects (the rows as :func:`subject_coverage` returns them).
+    """
+    cfg = cfg or CoverageConfig()
+    with opened(store) as st:
+        if drivers is not None:
+            seqs, ids = split_drivers(st, drivers)
+            cfg = replace(cfg, drivers=seqs, driver_identities=ids)
+        if subject is None:
+            return all_subjects(st, cfg, progress)
+        return {"subjects": [subject_coverage(st, subject, cfg)], "config": config_dict(cfg)}

@@ -45,6 +45,16 @@ from rafdata.segment import (
 from rafdata.sources import open_source
 from rafdata.writer import SegmentSink, StoreWriter
 
+TASK_WORKERS = 1  # decoding threads (= Ray CPUs) per task unless told: Ray runs as many tasks
+# as the cluster has CPUs, so one thread each already fills every node
+
+
+def task_workers(workers: int | None) -> int:
+    """Decoding threads (and Ray CPUs) each task uses: ``workers`` as given (``--workers``),
+    else :data:`TASK_WORKERS`. A local ingest defaults to the cores instead
+    (:func:`rafdata.config.default_workers`): there one process decodes everything."""
+    return TASK_WORKERS if workers is None else workers
+
 
 @dataclass(frozen=True)
 class UnitSpec:
@@ -207,7 +217,7 @@ def ingest_distributed(src: str | Path, out: str | Path, cfg: IngestConfig | Non
     """``rafdata ingest --ray``: :func:`rafdata.ingest.ingest` with units as Ray tasks."""
     from rafdata.ingest import ingest
 
-    cfg = cfg or IngestConfig(workers=1)
+    cfg = cfg or IngestConfig(workers=TASK_WORKERS)
     t0 = time.perf_counter()
     report = ingest(src, out, cfg, progress, executor=RayExecutor(
         Path(src), address, Path(shard_dir) if shard_dir else None, cfg.workers))

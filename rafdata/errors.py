@@ -34,11 +34,19 @@ class CorruptImageError(StoreError):
     """A stored image (or matte) whose chunk cannot be decoded or whose CRC-32 does not match.
 
     ``row`` is the image's row in /images; training and evaluation either stop on it or, with
-    ``--skip-corrupt``, count it and go on.
+    ``--skip-corrupt``, count it and go on. ``kind`` says which check failed: :attr:`CRC` (the
+    chunk decoded but its pixels differ from the stored CRC-32) or :attr:`DECODE` (the chunk
+    cannot be read or decompressed at all); ``inspect --verify`` counts the two apart.
     """
 
-    def __init__(self, path: str | Path | None, row: int, problem: str):
+    CRC = "crc"
+    DECODE = "decode"
+
+    def __init__(self, path: str | Path | None, row: int, problem: str, *, kind: str):
+        if kind not in (self.CRC, self.DECODE):
+            raise ValueError(f"kind must be {self.CRC!r} or {self.DECODE!r}, got {kind!r}")
         self.row = int(row)
+        self.kind = kind
         super().__init__(path, f"image row {row}: {problem}")
 
 

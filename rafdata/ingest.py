@@ -28,80 +28,22 @@ from typing import Protocol
 
 import numpy as np
 
-from rafdata.errors import FrameCountError, RafDataError, SourceError
+from rafdata.config import IngestConfig
+from rafdata.errors import FrameCountError, SourceError
 from rafdata.geometry import ImageTransform, color_correct
 from rafdata.lock import WriterLock
 from rafdata.progress import NullProgress, Progress
-from rafdata.resources import cores_available
 from rafdata.sources import open_source
-from rafdata.sources.base import CameraCalib, SequenceSource, SourceOptions, Tracking
+from rafdata.sources.base import CameraCalib, SequenceSource, Tracking
 from rafdata.sources.tracking import read_trackings
-from rafdata.store import DEFAULT_COMPRESSION, ImageCodec, identity_matches
+from rafdata.store import ImageCodec
 from rafdata.writer import SegmentSink, StoreWriter
 
-QUEUE_DEPTH = 4  # encoded frames buffered per decoding thread ahead of the writer
-
-
-def default_workers() -> int:
-    """Decoding threads by default: the cores available, at most 8."""
-    return min(8, cores_available())
-
-
-@dataclass
-class IngestConfig:
-    """What to ingest and how; mirrors ``rafdata ingest`` options."""
-
-    layout: str = "auto"  # auto | nersemble | gha
-    tracking_root: Path | None = None  # default: the source root itself
-    tracking_format: str = "auto"  # auto | bfm | flame
-    flame_exp: str = "expression+jaw"  # FLAME parts forming the expression vector
-    participants: tuple[str, ...] | None = None
-    sequences: tuple[str, ...] | None = None
-    cameras: tuple[str, ...] | None = None
-    held_out: tuple[str, ...] = ("FREE",)  # sequences kept out of banks and training
-    images_for: tuple[str, ...] | None = None  # participants whose images are stored (None: all)
-    no_images: bool = False  # coefficients only, no video is opened
-    every: int = 1  # keep every n-th tracked frame
-    crop: tuple[int, int, int, int] | None = None  # x y w h in source pixels
-    size: tuple[int, int] | None = None  # output w h
-    color_correct: bool = False
-    workers: int = field(default_factory=default_workers)
-    compression: str = DEFAULT_COMPRESSION
-    strict: bool = False  # stop on a bad camera instead of skipping it
-
-    def validate(self) -> None:
-        """Raise RafDataError (one line) for option values no run could use."""
-        problems = []
-        if self.every < 1:
-            problems.append(f"--every must be >= 1 (got {self.every})")
-        if self.crop is not None and (len(self.crop) != 4 or min(self.crop[2:]) < 1):
-            problems.append(f"--crop X Y W H needs W, H >= 1 (got {self.crop})")
-        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
-            problems.append(f"--size W H needs W, H >= 1 (got {self.size})")
-        if self.workers < 1:
-            problems.append(f"--workers must be >= 1 (got {self.workers})")
-        if problems:
-            raise RafDataError(None, "; ".join(problems))
-
-    def source_options(self) -> SourceOptions:
-        return SourceOptions(
-            tracking_root=self.tracking_root,
-            tracking_format=self.tracking_format,
-            flame_exp=self.flame_exp,
-            participants=self.participants,
-            sequences=self.sequences,
-            cameras=self.cameras,
-            # Cameras decode in parallel threads; one decoder thread each when they fill the
-            # cores: measured faster than fewer readers with ffmpeg's own frame threading.
-            extra={"decode_threads": max(1, cores_available() // max(1, self.workers))},
-        )
-
-    def wants_images(self, participant: str) -> bool:
-        if self.no_images:
-            return False
-        if self.images_for is None:
-            return True
-        return any(identity_matches(participant, p) for p in self.images_for)
+QUEUE_DEPTH = 4  # encoded frames buffered per decoding thread ahead of the writer, at least
+# Frames a sequence may buffer ahead of the writer, in bytes: the threads that finish their
+# share of a sequence go on decoding the next one while the last of its videos is decoded,
+# instead of stalling (with 3 cameras on 2 threads that stall cost ~15% of the run).
+LOOKAHEAD_BYTES = 128 << 20
 
 
 @dataclass
@@ -360,6 +302,11 @@ class _Plan:
     sizes: list[tuple[int, int]]  # source (w, h) per camera
     transform: ImageTransform
 
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(w, h) of the stored images (one size for all cameras: checked by _plan)."""
+        return self.transform.output_size(*self.sizes[0])
+
 
 def _plan(p: _Pending, cfg: IngestConfig, progress: Progress) -> _Plan:
     """Check every camera without decoding (probe); drop unusable ones (or stop)."""
@@ -397,17 +344,22 @@ def _plan(p: _Pending, cfg: IngestConfig, progress: Progress) -> _Plan:
 
 
 class _DecodeJob:
-    """The cameras of one sequence decoding on the shared pool into one bounded queue."""
+    """The image parts of one sequence (colour and matte of every camera) decoding on the
+    shared pool, one task per part, into one bounded queue."""
 
     def __init__(self, pool: ThreadPoolExecutor, p: _Pending, plan: _Plan, cfg: IngestConfig,
-                 codec: ImageCodec, depth: int):
+                 codec: ImageCodec, workers: int):
         self.p, self.plan = p, plan
+        w, h = plan.output_size
+        depth = max(QUEUE_DEPTH * workers, LOOKAHEAD_BYTES // (w * h * 3))
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
+        self.streams = [(ci, part) for ci, cam in enumerate(plan.cameras)
+                        for part in p.seq.image_parts(cam.serial)]
         self.futures = [
-            pool.submit(_produce, ci, p.seq, cam, plan.frames, plan.transform, cfg.color_correct,
-                        codec, self.q, self.stop)
-            for ci, cam in enumerate(plan.cameras)]
+            pool.submit(_produce, ci, part, p.seq, plan.cameras[ci], plan.frames,
+                        plan.transform, cfg.color_correct, codec, self.q, self.stop)
+            for ci, part in self.streams]
 
     def cancel(self) -> None:
         """Stop the producers and wait for them (each notices within one frame)."""
@@ -458,8 +410,7 @@ class _Decoders:
                 self.plans[key] = err
         plan = self.plans[key]
         if not isinstance(plan, BaseException) and plan.cameras:
-            self.jobs[key] = _DecodeJob(self.pool, p, plan, self.cfg, self.codec,
-                                        QUEUE_DEPTH * self.workers)
+            self.jobs[key] = _DecodeJob(self.pool, p, plan, self.cfg, self.codec, self.workers)
 
     def job(self, p: _Pending) -> _DecodeJob | None:
         """The running job of ``p`` (None: no camera left), with the next one started."""
@@ -499,68 +450,77 @@ def _write_images(sw, job: _DecodeJob | None, rows, progress) -> int:
 
     Every (camera, frame) has a reserved slot (camera-major), so the rows of the store do not
     depend on which thread finishes first, while one shared, bounded queue keeps all decoding
-    threads busy and memory bounded by a few frames per thread.
+    threads busy and memory bounded by a few frames per thread. Colour and matte of a slot
+    arrive separately (their videos decode on different threads).
     """
     if job is None:  # coefficients only
         return 0
     plan, seq = job.plan, job.p.seq
     cams = plan.cameras
-    ((out_w, out_h),) = {plan.transform.output_size(w, h) for w, h in plan.sizes}
+    out_w, out_h = plan.output_size
     cam_rows = [sw.camera(c.serial, plan.transform.apply_K(c.K, *size), c.world_to_cam)
                 for c, size in zip(cams, plan.sizes, strict=True)]
     n = len(plan.frames)
     first = sw.n_images
     sw.reserve_images(len(cams) * n, out_h, out_w)
-    delivered = [0] * len(cams)
-    running = len(cams)
+    delivered = dict.fromkeys(job.streams, 0)
+    running = len(job.streams)
     while running:
-        ci, fi, item = job.q.get()
+        ci, part, fi, item = job.q.get()
         if item is _DONE:
             running -= 1
-            if delivered[ci] != n:
+            if delivered[ci, part] != n:
+                what = "video" if part == "rgb" else "alpha map"
                 raise _CameraFailed(cams[ci].serial, SourceError(
-                    seq.path, f"camera {cams[ci].serial} gave {delivered[ci]} frames, "
-                    f"its tracking has {n}"))
+                    seq.path, f"the {what} of camera {cams[ci].serial} gave "
+                    f"{delivered[ci, part]} frames, its tracking has {n}"))
             continue
         if isinstance(item, SourceError):
             raise _CameraFailed(cams[ci].serial, item)
         if isinstance(item, BaseException):
             raise item
-        rgb, mask = item
-        sw.put_image(first + ci * n + fi, rgb, mask, int(rows[fi]), cam_rows[ci])
-        delivered[ci] += 1
-        progress.advance()
+        slot = first + ci * n + fi
+        if part == "rgb":
+            sw.put_rgb(slot, item, int(rows[fi]), cam_rows[ci])
+            progress.advance()
+        else:
+            sw.put_mask(slot, None if item is _NO_MASK else item)
+        delivered[ci, part] += 1
     return len(cams) * n
 
 
 _DONE = object()
+_NO_MASK = object()  # a frame without a matte (GHA masks are per frame)
 
 
-def _produce(ci, seq, cam, frames, transform, correct, codec, q, stop) -> None:
-    """Decode, transform and encode one camera into the shared queue, then put _DONE.
+def _produce(ci, part, seq, cam, frames, transform, correct, codec, q, stop) -> None:
+    """Decode, transform and encode one part of one camera into the shared queue, then put
+    _DONE.
 
-    Items are (camera index, frame index, (encoded rgb, encoded mask or None)), or an
-    exception in place of the pair. Compression happens here, in parallel threads, so the
-    single writer thread only copies chunk bytes.
+    Items are (camera index, part, frame index, encoded image), or an exception in place of
+    the image. Compression happens here, in parallel threads, so the single writer thread
+    only copies chunk bytes.
     """
 
     def put(fi, item) -> bool:
         while not stop.is_set():
             try:
-                q.put((ci, fi, item), timeout=0.1)
+                q.put((ci, part, fi, item), timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
+    encoder = codec.stream()
     try:
-        for fi, frame in enumerate(seq.read_frames(cam.serial, frames)):
-            rgb = frame.rgb
-            if correct and cam.color is not None:
-                rgb = color_correct(rgb, cam.color)
-            rgb = codec.encode(transform.apply(rgb))
-            mask = None if frame.mask is None else codec.encode(transform.apply(frame.mask))
-            if not put(fi, (rgb, mask)):
+        for fi, image in enumerate(seq.read_part(cam.serial, part, frames)):
+            if image is None:
+                item = _NO_MASK
+            else:
+                if correct and part == "rgb" and cam.color is not None:
+                    image = color_correct(image, cam.color)
+                item = encoder.encode(transform.apply(image))
+            if not put(fi, item):
                 return
         put(-1, _DONE)
     except BaseException as err:  # handed to the writer thread, which decides

@@ -191,7 +191,7 @@ def _check_images(store: Store, problems: list[str], progress: Progress) -> int:
                 store.read_mask(i)
                 read += 1
         except CorruptImageError as err:
-            (bad if "CRC-32" in err.problem else unreadable).append(i)
+            (bad if err.kind == CorruptImageError.CRC else unreadable).append(i)
         progress.advance()
     if unreadable:
         problems.append(f"/images: {len(unreadable)} images cannot be decompressed "

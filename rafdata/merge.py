@@ -31,6 +31,7 @@ from rafdata import faults
 from rafdata.commit import ensure_space, in_memory_file, remove_temporaries
 from rafdata.errors import StoreError
 from rafdata.lock import WriterLock
+from rafdata.progress import NullProgress, Progress
 from rafdata.segment import SEGMENT_SUFFIX, parts_dir, read_segment_state
 from rafdata.store import (
     _COLUMNS,
@@ -282,15 +283,18 @@ class MergeReport:
 
 def merge(store: str | Path, segments: Sequence[Path] | None = None,
           attrs: dict[str, Any] | None = None, rebuild: bool = False,
-          lock: WriterLock | None = None) -> MergeReport:
+          lock: WriterLock | None = None, progress: Progress | None = None) -> MergeReport:
     """Commit ``segments`` (default: every pending one) into the main file, atomically.
 
     attrs: root attributes to set (e.g. the ingest history). rebuild: ignore the old main's
     tables and rebuild them from every segment in the parts folder (banks are kept when the
     old main can still be read). A main file of format version 1 (images inside it) is taken
-    in as the first segment by a hard link, so upgrading copies no image.
+    in as the first segment by a hard link, so upgrading copies no image. ``progress``: a
+    "reading segments" stage, one step per segment file read (the part that grows with the
+    store; writing the new main file is one step at the end).
     """
     store = Path(store)
+    progress = progress or NullProgress()
     report = MergeReport()
     with lock or WriterLock(store):
         remove_temporaries(store)
@@ -313,12 +317,14 @@ def merge(store: str | Path, segments: Sequence[Path] | None = None,
             return report
         t = old if old is not None else Tables()
         states = []
+        progress.start("reading segments", len(todo))
         for p in todo:
             st = read_segment_state(p)
             if not st["attrs"].get("segment") and not p.name.startswith(LEGACY_PREFIX):
                 raise StoreError(p, "not a segment file")
             states.append((0 if p.name.startswith(LEGACY_PREFIX) else 1, segment_order(st),
                            p.name, p, st))
+            progress.advance()
         states.sort(key=lambda x: x[:3])
         carried: dict[str, Any] = {}
         for *_, p, st in states:
@@ -336,6 +342,7 @@ def merge(store: str | Path, segments: Sequence[Path] | None = None,
         old_bytes = store.stat().st_size if store.exists() else 0
         ensure_space(store.parent, old_bytes + 2 * table_bytes + (4 << 20),
                      "the updated main file")
+        progress.start("writing the main file", 1)
         try:
             with in_memory_file(store) as dst:
                 write_main(dst, t, new_attrs, store)
@@ -347,7 +354,19 @@ def merge(store: str | Path, segments: Sequence[Path] | None = None,
                              f"({os.strerror(err.errno) if err.errno else err}); the "
                              "store is unchanged and the new units stay in "
                              f"{parts_dir(store).name}/ for the next run") from None
+        progress.advance()
     return report
+
+
+def consolidate(store: str | Path, rebuild: bool = False,
+                progress: Progress | None = None) -> MergeReport:
+    """`rafdata consolidate`: :func:`merge` every pending segment (or, with ``rebuild``, every
+    segment) into the main file of an existing store. Refused (StoreError) when there is
+    neither a main file nor a segment folder: merging nothing would create an empty store."""
+    store = Path(store)
+    if not store.exists() and not parts_dir(store).is_dir():
+        raise StoreError(store, "no such store file and no segment folder beside it")
+    return merge(store, rebuild=rebuild, progress=progress)
 
 
 def _readable_attrs(store: Path) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from rafdata.bank import read_bank  # noqa: E402
+from rafdata.bank import opened, read_bank  # noqa: E402
+from rafdata.config import PlotBankConfig  # noqa: E402
 from rafdata.coverage import PCA  # noqa: E402
 from rafdata.errors import RafDataError, StoreError  # noqa: E402
 from rafdata.store import Store  # noqa: E402
@@ -77,25 +77,28 @@ def query_neighbors(store: Store, members: np.ndarray, queries: np.ndarray,
     return out
 
 
-def plot_bank(store: str | Path | Store, out_png: str | Path, bank: str = "full",
-              queries: Sequence[int] | None = None, n_queries: int = 4, seed: int = 0) -> dict:
+def plot_bank(store: str | Path | Store, out_png: str | Path,
+              cfg: PlotBankConfig | None = None) -> dict:
     """Write a PNG: the bank's member expressions in the first two principal components (grey),
     query expressions (stars) and their 10 nearest bank members of other identities (computed
     exactly in the original space), one colour per query, one marker shape per identity.
 
-    queries: timestep rows; None draws ``n_queries`` at random (:func:`default_queries`).
-    The PCA is fitted on the bank members. Returns {"queries", "neighbors", "explained"}.
+    cfg.queries: timestep rows; None draws ``cfg.n_queries`` at random
+    (:func:`default_queries`). The PCA is fitted on the bank members. Returns {"queries"
+    (Q,) timestep rows, "neighbors" (Q, 10) timestep rows (-1 pads), "explained" (2,)
+    variance ratios}.
     """
+    cfg = cfg or PlotBankConfig()
+    bank, queries = cfg.bank, cfg.queries
     if Path(out_png).suffix.lower() != ".png":
         raise RafDataError(out_png, "plot-bank writes a PNG: give a path ending in .png")
-    st = store if isinstance(store, Store) else Store(store)
-    try:
+    with opened(store) as st:
         members = _members(st, bank)
         n_t = len(st.timesteps)
         if queries is None:
-            if n_queries < 1:
-                raise StoreError(st.path, f"n_queries must be at least 1, got {n_queries}")
-            q = default_queries(st, n_queries, seed)
+            if cfg.n_queries < 1:
+                raise StoreError(st.path, f"n_queries must be at least 1, got {cfg.n_queries}")
+            q = default_queries(st, cfg.n_queries, cfg.seed)
         else:
             q = np.asarray(list(queries), np.int64)
             bad = [int(r) for r in q if not 0 <= r < n_t]
@@ -167,6 +170,3 @@ def plot_bank(store: str | Path | Store, out_png: str | Path, bank: str = "full"
         plt.close(fig)
         return {"queries": q.tolist(), "neighbors": nb.tolist(),
                 "explained": [float(r) for r in ratio]}
-    finally:
-        if st is not store:
-            st.close()

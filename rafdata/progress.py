@@ -60,7 +60,19 @@ class RichProgress:
         self._task = None
 
     def __enter__(self) -> RichProgress:
-        if not self.quiet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+    def start(self, label: str, total: int | None) -> None:
+        if self.quiet:
+            return
+        if self._bar is None:
+            # Opened with the first stage: a command that fails before any work leaves its
+            # one-line error alone, without the blank line an empty live display prints.
             self._bar = _RichBar(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -74,16 +86,6 @@ class RichProgress:
                 transient=False,
             )
             self._bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
-
-    def start(self, label: str, total: int | None) -> None:
-        if self._bar is None:
-            return
         self._task = self._bar.add_task(label, total=total, rate="")
 
     def advance(self, n: int = 1) -> None:

@@ -364,7 +364,7 @@ def _write_chunk(ds: h5py.Dataset, row: int, image: EncodedImage) -> None:
     if image.shape != ds.shape[1:]:
         raise ValueError(f"image shape {image.shape} does not match {ds.shape[1:]}")
     if image.payload is not None:
-        ds.id.write_direct_chunk((row,) + (0,) * (ds.ndim - 1), image.payload, 0)
+        ds.id.write_direct_chunk((row,) + (0,) * (ds.ndim - 1), image.payload, image.filter_mask)
     else:
         ds[row] = image.array
 
@@ -390,13 +390,15 @@ class _ImageColumns:
             new.cols[k][:old] = v
         self.cols = new.cols
 
-    def set(self, slot: int, timestep: int, camera: int, crc: int, mask_crc: int | None) -> None:
+    def set_rgb(self, slot: int, timestep: int, camera: int, crc: int) -> None:
         c = self.cols
         c["timestep"][slot] = timestep
         c["camera"][slot] = camera
         c["crc"][slot] = crc
-        c["has_mask"][slot] = mask_crc is not None
-        c["mask_crc"][slot] = mask_crc or 0
+
+    def set_mask(self, slot: int, mask_crc: int | None) -> None:
+        self.cols["has_mask"][slot] = mask_crc is not None
+        self.cols["mask_crc"][slot] = mask_crc or 0
 
     def view(self, n: int) -> dict[str, np.ndarray]:
         return {k: v[:n] for k, v in self.cols.items()}
@@ -513,8 +515,9 @@ class SequenceWriter:
     def reserve_images(self, n: int, height: int, width: int) -> None:
         """Make room for ``n`` more image slots of size (height, width).
 
-        Slots can then be filled in any order with :meth:`put_image`; rows keep slot order,
-        so parallel producers give the same store as a sequential run.
+        Slots can then be filled in any order with :meth:`put_rgb` and :meth:`put_mask` (or
+        :meth:`put_image`); rows keep slot order, so parallel producers give the same store as
+        a sequential run.
         """
         # Worst case on disk: raw colour + matte; checked so a full disk fails here, cleanly.
         ensure_space(self.w.path.parent, n * height * width * 4 + (1 << 20),
@@ -533,14 +536,26 @@ class SequenceWriter:
     def put_image(self, slot: int, rgb: EncodedImage, mask: EncodedImage | None,
                   timestep: int, camera: int) -> None:
         """Fill reserved slot ``slot`` (0-based within this sequence) with one image."""
-        if not 0 <= slot < self.n_images:
-            raise IndexError(f"image slot {slot} not reserved ({self.n_images} are)")
-        row = self.image_start + slot
+        self.put_rgb(slot, rgb, timestep, camera)
+        self.put_mask(slot, mask)
+
+    def put_rgb(self, slot: int, rgb: EncodedImage, timestep: int, camera: int) -> None:
+        """The colour of reserved slot ``slot``, taken by ``timestep`` of ``camera``."""
         faults.point("image")
-        _write_chunk(self._rgb, row, rgb)
+        _write_chunk(self._rgb, self._row(slot), rgb)
+        self._meta.set_rgb(slot, timestep, camera, rgb.crc)
+
+    def put_mask(self, slot: int, mask: EncodedImage | None) -> None:
+        """The matte of reserved slot ``slot`` (None: the image has none; the default)."""
+        row = self._row(slot)
         if mask is not None:
             _write_chunk(self._mask, row, mask)
-        self._meta.set(slot, timestep, camera, rgb.crc, None if mask is None else mask.crc)
+        self._meta.set_mask(slot, None if mask is None else mask.crc)
+
+    def _row(self, slot: int) -> int:
+        if not 0 <= slot < self.n_images:
+            raise IndexError(f"image slot {slot} not reserved ({self.n_images} are)")
+        return self.image_start + slot
 
     def add_images(
         self,

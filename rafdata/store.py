@@ -21,7 +21,7 @@ files (images inside the main file) are read as they are.
 from __future__ import annotations
 
 import json
-import zlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter in this process; readers need it too)
 import numpy as np
 
+from rafdata.checksum import crc32
 from rafdata.errors import CorruptImageError, StoreError
 
 FORMAT = "rafdata"
@@ -118,18 +119,26 @@ def _blosc_for_threads() -> None:
     blosc.set_releasegil(True)
 
 
+# filter_mask of a chunk stored without its dataset's one filter (Blosc): HDF5 skips the
+# filters whose bit is set when it reads the chunk, so a raw chunk needs no Blosc header.
+RAW_CHUNK = 0b1
+
+
 @dataclass(frozen=True)
 class EncodedImage:
     """An image ready for the writer: its chunk bytes (Blosc codecs) or the array itself.
 
-    shape: the image shape. crc: CRC-32 of the raw bytes. payload: the compressed chunk exactly
-    as the HDF5 Blosc filter would write it, or None when HDF5 compresses (gzip, lzf, none).
+    shape: the image shape. crc: CRC-32 of the raw bytes. payload: the chunk exactly as it is
+    stored (a Blosc frame, or the raw bytes), or None when HDF5 compresses (gzip, lzf).
+    filter_mask: HDF5's per-chunk record of skipped filters: 0, or RAW_CHUNK for raw bytes in
+    a Blosc dataset.
     """
 
     shape: tuple[int, ...]
     crc: int
     payload: bytes | memoryview | None
     array: np.ndarray | None
+    filter_mask: int = 0
 
 
 class ImageCodec:
@@ -149,20 +158,67 @@ class ImageCodec:
         if self.direct and name in BLOSC_CODECS:
             _blosc_for_threads()
 
-    def encode(self, image: np.ndarray) -> EncodedImage:
-        """Checksum and (for Blosc codecs) compress one uint8 image; thread-safe."""
+    def encode(self, image: np.ndarray, compress: bool = True) -> EncodedImage:
+        """Checksum and (for Blosc codecs) compress one uint8 image; thread-safe.
+
+        compress=False: a Blosc codec stores the bytes as they are (a raw chunk, marked
+        so that HDF5 skips Blosc when reading it), for images known not to shrink.
+        """
         data = np.ascontiguousarray(image, dtype=np.uint8)
-        crc = zlib.crc32(data)
+        crc = crc32(data)
         if not self.direct:
             return EncodedImage(data.shape, crc, None, data)
         if self.name == "none":
             return EncodedImage(data.shape, crc, memoryview(data).cast("B"), None)
+        if not compress:
+            return EncodedImage(data.shape, crc, memoryview(data).cast("B"), None, RAW_CHUNK)
         import blosc
 
         cname, level = BLOSC_CODECS[self.name]
         payload = blosc.compress(data, typesize=1, clevel=level, shuffle=blosc.SHUFFLE,
                                  cname=cname)
         return EncodedImage(data.shape, crc, payload, None)
+
+    def stream(self) -> StreamEncoder:
+        """An encoder for one stream of similar images (one video, in order)."""
+        return StreamEncoder(self)
+
+
+class StreamEncoder:
+    """Encodes one stream of images (e.g. one camera's video) and stops compressing when
+    compression does not pay.
+
+    Colour with real camera noise does not shrink under BloscLZ-1 (ratio 1.00, docs/
+    benchmarks.md) yet costs ~0.3 ms per 512 px frame to try, and as a Blosc frame it is
+    copied once more at writing and at reading; mattes shrink ~25x. So a Blosc codec tries
+    compression on the first image and every ``PROBE_EVERY``-th one; when a try saves less
+    than ``MIN_SAVING`` of the bytes, that image and the ones up to the next try are stored
+    as raw chunks (no copy, read without Blosc). The choice depends only on the stream's own
+    images in order, so every run over the same video writes the same bytes. Not
+    thread-safe: one per producer.
+    """
+
+    PROBE_EVERY = 16
+    MIN_SAVING = 0.05
+
+    def __init__(self, codec: ImageCodec):
+        self.codec = codec
+        self.adaptive = codec.direct and codec.name in BLOSC_CODECS
+        self.n = 0
+        self.compress = True
+
+    def encode(self, image: np.ndarray) -> EncodedImage:
+        if not self.adaptive:
+            return self.codec.encode(image)
+        probe = self.n % self.PROBE_EVERY == 0
+        self.n += 1
+        enc = self.codec.encode(image, compress=probe or self.compress)
+        if probe:
+            raw = int(np.prod(enc.shape))
+            self.compress = len(enc.payload) < (1 - self.MIN_SAVING) * raw
+            if not self.compress:
+                enc = self.codec.encode(image, compress=False)
+        return enc
 
 
 BLOSC_FILTER_ID = 32001
@@ -245,15 +301,23 @@ def _str_list(ds: h5py.Dataset, n: int) -> list[str]:
     return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[:n]]
 
 
+# Names are data: participant numbers, sequence names and frame numbers come from folder
+# names. str.isdigit() is True for '①' and '²' (which int() refuses) and int() accepts '٣',
+# ' 17' and '1_7', so numbers are matched as ASCII digits only.
+_ASCII_NUMBER = re.compile(r"[0-9]+")
+
+
+def is_number(name: str) -> bool:
+    """True when ``name`` is a plain non-negative number in ASCII digits ("017", not "①")."""
+    return _ASCII_NUMBER.fullmatch(name) is not None
+
+
 def identity_matches(name: str, query: str) -> bool:
-    """Participant ids compare as integers when both are ASCII digits ("17" == "017"; "①" is
-    a name, not a number)."""
+    """Participant ids compare as integers when both are numbers (:func:`is_number`: "17" ==
+    "017"; "①" is a name, not a number)."""
     if name == query:
         return True
-    def number(s: str) -> bool:
-        return s.isascii() and s.isdigit()
-
-    return number(name) and number(query) and int(name) == int(query)
+    return is_number(name) and is_number(query) and int(name) == int(query)
 
 
 def find_identity(identities: Sequence[str], name: str) -> int | None:
@@ -347,7 +411,25 @@ class _BadChunk(Exception):
     pass
 
 
-def _blosc_decode(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+def _read_blosc_chunk(ds: h5py.Dataset, row: int) -> np.ndarray:
+    """Image ``row`` of a dataset whose only filter is Blosc, read raw from its chunk: a Blosc
+    frame is decompressed here, a raw chunk (RAW_CHUNK) is the image itself, read straight
+    into the returned array."""
+    shape = ds.shape[1:]
+    size = int(np.prod(shape))
+    # Room for a Blosc frame of an image that did not shrink: its bytes plus a 16-byte header
+    # (a larger chunk is damage: h5py refuses to read it into this buffer).
+    buf = np.empty(size + 16, np.uint8)
+    mask, chunk = ds.id.read_direct_chunk((row,) + (0,) * (ds.ndim - 1), out=buf)
+    if mask == 0:  # the Blosc filter ran on this chunk
+        return _blosc_decode(chunk, shape)
+    if mask != RAW_CHUNK or len(chunk) != size:
+        raise _BadChunk(f"raw chunk of {len(chunk)} bytes (filter mask {mask}), expected "
+                        f"{size}")
+    return buf[:size].reshape(shape)
+
+
+def _blosc_decode(payload: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     """Decompress one Blosc frame into a new uint8 array of ``shape``.
 
     The frame's header (bytes 4-16: decompressed size, block size, compressed size) is
@@ -647,9 +729,9 @@ class Store:
         located = self._locate(index)
         ds, row, blosc, path = located[which], located[2], located[3], located[4]
         out = self._decode(ds, row, blosc, index, path, what)
-        if self.verify_crc and zlib.crc32(out) != int(crcs[index]):
+        if self.verify_crc and crc32(out) != int(crcs[index]):
             raise CorruptImageError(self.path, index, f"{what} fails its CRC-32 (damaged "
-                                    f"bytes in {path.name})")
+                                    f"bytes in {path.name})", kind=CorruptImageError.CRC)
         return out
 
     def _decode(self, ds: h5py.Dataset, row: int, blosc: bool, index: int, path: Path,
@@ -658,15 +740,12 @@ class Store:
         HDF5 filter pipeline makes random single-image reads markedly faster."""
         try:
             if blosc:
-                mask, payload = ds.id.read_direct_chunk((row,) + (0,) * (ds.ndim - 1))
-                if mask == 0:  # the Blosc filter ran on this chunk
-                    return _blosc_decode(payload, ds.shape[1:])
+                return _read_blosc_chunk(ds, row)
             return ds[row]
-        except CorruptImageError:
-            raise
         except Exception as err:  # noqa: BLE001 - any failure to decode a chunk is damage
             raise CorruptImageError(self.path, index, f"{what} chunk in {path.name} cannot be "
-                                    f"decoded ({err.__class__.__name__}: {err})") from None
+                                    f"decoded ({err.__class__.__name__}: {err})",
+                                    kind=CorruptImageError.DECODE) from None
 
     def image(self, index: int) -> ImageSample:
         """Image ``index`` with its camera and timestep row."""

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from rafdata.errors import RafDataError
+from rafmodel import stats
+
+GROUPINGS = ("method", "run")  # compare(by=...); the first is the default
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,16 @@ class Column:
     section: str  # "self" or "cross"
     metric: str  # key in the section's "mean"
     higher_is_better: bool
+
+    def value(self, means: dict[str, dict[str, Any] | None]) -> float | None:
+        """This column's number in :func:`section_means`-shaped ``means``; None when it is
+        absent, not a number or not finite (a failed metric)."""
+        x = (means.get(self.section) or {}).get(self.metric)
+        try:
+            x = float(x)
+        except (TypeError, ValueError):
+            return None
+        return x if math.isfinite(x) else None
 
 
 COLUMNS: tuple[Column, ...] = (
@@ -76,23 +89,34 @@ def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
     return list(seen)
 
 
-def _load(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (a metrics.json, a sweep's cell.json); RafDataError naming
+    the file when it cannot be read or holds no object."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise RafDataError(path, f"unreadable metrics file ({err})") from None
-    if not isinstance(doc, dict) or "method" not in doc:
+        raise RafDataError(path, f"unreadable ({err})") from None
+    if not isinstance(doc, dict):
+        raise RafDataError(path, "not a JSON object (a metrics.json or cell.json)")
+    return doc
+
+
+def load_metrics(path: Path) -> dict[str, Any]:
+    """One ``metrics.json`` of ``rafmodel eval`` (it names the run's ``method`` and
+    ``subject``); RafDataError naming the file for anything else."""
+    doc = read_json(path)
+    if "method" not in doc or "subject" not in doc:
         raise RafDataError(path, "not a metrics.json written by rafmodel eval")
     return doc
 
 
-def _value(doc: dict[str, Any], col: Column) -> float | None:
-    v = (doc.get(col.section) or {}).get("mean", {}) or {}
-    x = v.get(col.metric)
-    return float(x) if x is not None and math.isfinite(float(x)) else None
+def section_means(doc: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """``{"self": means, "cross": means}`` of a metrics.json document (None: no such
+    section), the shape a sweep's cell.json stores as ``metrics``."""
+    return {s: (doc.get(s) or {}).get("mean") for s in ("self", "cross")}
 
 
-def compare(paths: Sequence[str | Path], by: str = "method") -> list[dict[str, Any]]:
+def compare(paths: Sequence[str | Path], by: str = GROUPINGS[0]) -> list[dict[str, Any]]:
     """Table rows, one per method (``by="method"``) or per run (``by="run"``).
 
     Each row: ``method``, ``runs`` (count), ``subjects`` (list), and every column key of
@@ -100,22 +124,23 @@ def compare(paths: Sequence[str | Path], by: str = "method") -> list[dict[str, A
     """
     from rafmodel.evaluate import method_label
 
-    if by not in ("method", "run"):
-        raise ValueError(f"by must be 'method' or 'run', not {by!r}")
-    docs = [(p, _load(p)) for p in find_metrics(paths)]
+    if by not in GROUPINGS:
+        raise ValueError(f"by must be one of {', '.join(GROUPINGS)}, not {by!r}")
+    docs = [(p, load_metrics(p)) for p in find_metrics(paths)]
     if not docs:
         raise RafDataError(None, "no metrics files given")
     groups: dict[str, list[dict[str, Any]]] = {}
     for p, doc in docs:
         key = method_label(doc["method"]) if by == "method" else \
-            f"{doc.get('label', '?')} [{doc.get('subject', '?')}] ({p.parent.name})"
+            f"{doc.get('label', '?')} [{doc['subject']}] ({p.parent.name})"
         groups.setdefault(key, []).append(doc)
     rows = []
     for key, group in groups.items():
         row: dict[str, Any] = {"method": key, "runs": len(group),
-                               "subjects": sorted({str(d.get("subject")) for d in group})}
+                               "subjects": sorted({str(d["subject"]) for d in group})}
+        means = [section_means(d) for d in group]
         for col in COLUMNS:
-            vals = [v for v in (_value(d, col) for d in group) if v is not None]
+            vals = [v for v in (col.value(m) for m in means) if v is not None]
             row[col.key] = sum(vals) / len(vals) if vals else None
         rows.append(row)
     return rows
@@ -189,18 +214,17 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def compare_stats(paths: Sequence[str | Path], baseline: str = "vanilla",
-                  n_boot: int | None = None, seed: int = 0) -> dict[str, Any]:
+def compare_stats(paths: Sequence[str | Path], baseline: str = stats.BASELINE,
+                  n_boot: int = stats.N_BOOT, seed: int = 0) -> dict[str, Any]:
     """The statistics mode (``rafmodel compare --stats``): over a sweep folder (its
     ``cell.json`` files) or metrics.json files, mean ± std per method and metric over seeds and
     subjects, and paired differences against ``baseline`` with bootstrap CIs; the same columns
     as :func:`compare`. See :mod:`rafmodel.stats` (its ``format_markdown``, ``write_json``,
     ``write_csv`` and ``plot`` render the result)."""
-    from rafmodel import stats
-
-    return stats.summarize(stats.load_records(paths), baseline=baseline,
-                           n_boot=n_boot or stats.N_BOOT, seed=seed)
+    return stats.summarize(stats.load_records(paths), baseline=baseline, n_boot=n_boot,
+                           seed=seed)
 
 
-__all__ = ["COLUMNS", "Column", "best", "compare", "compare_stats", "find_metrics",
-           "format_table", "present_columns", "write_csv", "write_json"]
+__all__ = ["COLUMNS", "GROUPINGS", "Column", "best", "compare", "compare_stats",
+           "find_metrics", "format_table", "load_metrics", "present_columns", "read_json",
+           "section_means", "write_csv", "write_json"]

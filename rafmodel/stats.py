@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,34 +32,26 @@ from rafdata.errors import RafDataError
 
 CONFIDENCE = 0.95
 N_BOOT = 10_000
+BASELINE = "vanilla"  # the method the others are paired against (the paper's Vanilla)
 
 
 # -- records --------------------------------------------------------------------------------
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise RafDataError(path, f"unreadable ({err})") from None
-    if not isinstance(doc, dict):
-        raise RafDataError(path, "not a cell.json or metrics.json")
-    return doc
-
-
 def _record(path: Path) -> dict[str, Any] | None:
     """(subject, method, seed, metrics) of one file; None for a cell not done."""
-    doc = _read(path)
+    from rafmodel.compare import load_metrics, read_json, section_means  # compare imports us
+
     if path.name == "cell.json":
+        doc = read_json(path)
         if doc.get("state") != "done":
             return None
         return {"subject": str(doc["subject"]), "method": str(doc["method"]),
                 "seed": int(doc["seed"]), "metrics": doc.get("metrics") or {}, "path": str(path)}
-    if "method" not in doc or "subject" not in doc:
-        raise RafDataError(path, "not a metrics.json written by rafmodel eval")
+    doc = load_metrics(path)
     from rafmodel.evaluate import method_label
 
     return {"subject": str(doc["subject"]), "method": method_label(doc["method"]),
             "seed": int(doc["method"].get("seed", 0)), "path": str(path),
-            "metrics": {s: (doc.get(s) or {}).get("mean") for s in ("self", "cross")}}
+            "metrics": section_means(doc)}
 
 
 def load_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -94,15 +85,6 @@ def load_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return records
 
 
-def _value(rec: dict[str, Any], col) -> float | None:
-    x = ((rec["metrics"].get(col.section) or {}) or {}).get(col.metric)
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 # -- statistics -----------------------------------------------------------------------------
 def bootstrap_ci(diffs: Sequence[float], n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
                  seed: int = 0) -> tuple[float, float]:
@@ -117,7 +99,7 @@ def bootstrap_ci(diffs: Sequence[float], n_boot: int = N_BOOT, confidence: float
     return float(lo), float(hi)
 
 
-def summarize(records: Sequence[dict[str, Any]], baseline: str = "vanilla",
+def summarize(records: Sequence[dict[str, Any]], baseline: str = BASELINE,
               n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
               seed: int = 0) -> dict[str, Any]:
     """The statistics (see the module docstring) as a JSON-ready dict:
@@ -132,7 +114,7 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = "vanilla",
     if baseline in methods:  # the baseline first, as in the paper's tables
         methods.remove(baseline)
         methods.insert(0, baseline)
-    cols = [c for c in COLUMNS if any(_value(r, c) is not None for r in records)]
+    cols = [c for c in COLUMNS if any(c.value(r["metrics"]) is not None for r in records)]
     by_key = {(r["subject"], r["method"], r["seed"]): r for r in records}
     out = []
     for m in methods:
@@ -141,7 +123,7 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = "vanilla",
                                  "subjects": sorted({r["subject"] for r in mine}),
                                  "seeds": sorted({r["seed"] for r in mine}), "stats": {}}
         for c in cols:
-            vals = [v for v in (_value(r, c) for r in mine) if v is not None]
+            vals = [v for v in (c.value(r["metrics"]) for r in mine) if v is not None]
             entry["stats"][c.key] = {
                 "n": len(vals), "mean": float(np.mean(vals)) if vals else None,
                 "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
@@ -151,7 +133,8 @@ def summarize(records: Sequence[dict[str, Any]], baseline: str = "vanilla",
                 diffs = []
                 for r in mine:
                     base = by_key.get((r["subject"], baseline, r["seed"]))
-                    a, b = _value(r, c), None if base is None else _value(base, c)
+                    a = c.value(r["metrics"])
+                    b = None if base is None else c.value(base["metrics"])
                     if a is not None and b is not None:
                         diffs.append(a - b)
                 if not diffs:
@@ -306,5 +289,5 @@ def plot(summary: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["CONFIDENCE", "N_BOOT", "bootstrap_ci", "format_markdown", "load_records", "plot",
+__all__ = ["BASELINE", "CONFIDENCE", "N_BOOT", "bootstrap_ci", "format_markdown", "load_records", "plot",
            "summarize", "verdicts", "write_csv", "write_json"]

@@ -39,12 +39,12 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import KW_ONLY, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from rafdata.errors import RafDataError
-from rafmodel.config import TrainConfig
+from rafmodel.config import EvalConfig, TrainConfig
 
 # Method name -> TrainConfig settings (the paper's Table 2/3 rows). The half banks are the two
 # disjoint half-identity banks the README builds with `rafdata build-bank --name half0|half1`.
@@ -66,7 +66,8 @@ STATES = ("queued", "training", "evaluating", "done", "failed")
 class SweepConfig:
     """One grid.
 
-    store: the store (read in place by every task). out: the sweep folder.
+    store: the store (read in place by every task). out: the sweep folder (``rafmodel sweep
+    --out``'s default too).
     subjects, methods, seeds: the grid (methods: names of ``METHODS`` or of ``method_defs``).
     method_defs: extra or overriding methods, name -> TrainConfig settings of METHOD_KEYS.
     train: TrainConfig settings for every cell (iters or epochs, resolution, device, ...).
@@ -78,7 +79,8 @@ class SweepConfig:
     """
 
     store: str
-    out: str
+    _: KW_ONLY  # the rest by name only: out has a default, the subjects after it have none
+    out: str = "sweep"
     subjects: tuple[str, ...]
     methods: tuple[str, ...] = ("vanilla", "noise", "raf")
     seeds: tuple[int, ...] = (0,)
@@ -95,8 +97,6 @@ class SweepConfig:
 
     def validate(self) -> None:
         """One-line RafDataError for a grid no cell could run, before anything starts."""
-        from rafmodel.evaluate import EvalConfig
-
         problems = []
         if not Path(self.store).is_file():
             raise RafDataError(Path(self.store), "no such store")
@@ -175,6 +175,16 @@ class Cell:
     @property
     def name(self) -> str:
         return f"{self.subject}/{self.method}/seed{self.seed}"
+
+    def eval_config(self, out: str | Path) -> EvalConfig:
+        """The cell's evaluation: the grid's eval settings, and for what they leave unset, what
+        the cell trains with (device, renderer, LPIPS weight files), so that a ``--device cpu``
+        sweep on a GPU machine also evaluates on the CPU, with the same perceptual weights."""
+        train = self.train_config()
+        inherited = {"device": train.device, "backend": train.backend,
+                     "vgg_weights": train.loss.vgg_weights,
+                     "lpips_weights": train.loss.lpips_weights}
+        return EvalConfig(**{**inherited, **self.evaluation, "out": str(out)})
 
     def train_config(self) -> TrainConfig:
         # from_dict: nested settings (loss, densify) and lists (cameras) as a grid file or
@@ -286,7 +296,8 @@ def run_cell(cell: Cell, attempt: int = 1, lock_dir: str | None = None) -> dict[
 
 def _train_and_evaluate(cell: Cell, folder: Path, notes: _Notes) -> dict[str, Any]:
     from rafdata.progress import NullProgress
-    from rafmodel.evaluate import EvalConfig, evaluate
+    from rafmodel.compare import section_means
+    from rafmodel.evaluate import evaluate
     from rafmodel.train import Runner
 
     t0 = time.perf_counter()
@@ -305,13 +316,12 @@ def _train_and_evaluate(cell: Cell, folder: Path, notes: _Notes) -> dict[str, An
                                                            force=False))
     t1 = time.perf_counter()
     notes.write("evaluating", summary.get("steps"), summary.get("steps"))
-    ecfg = EvalConfig(**{**cell.evaluation, "out": str(folder / "eval")})
-    evaluate([str(folder)], cell.store, ecfg, NullProgress())
+    evaluate([str(folder)], cell.store, cell.eval_config(folder / "eval"), NullProgress())
     doc = _read_json(folder / "eval" / "metrics.json") or {}
     record = {"state": "done", "subject": cell.subject, "method": cell.method,
               "seed": cell.seed, "method_settings": cell.method_settings,
               "steps": summary.get("steps"), "resumed_at": resumed_at,
-              "metrics": {s: (doc.get(s) or {}).get("mean") for s in ("self", "cross")},
+              "metrics": section_means(doc),
               "train_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1}
     _write_json(folder / "cell.json", record)  # last: the cell is done once this exists
     return record
@@ -527,6 +537,71 @@ def load_grid(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def _names(value: str | Sequence[Any] | None) -> tuple[str, ...] | None:
+    """'388,422 443' or a list -> ('388', '422', '443'); None or empty -> None."""
+    if value is None:
+        return None
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    return tuple(str(v) for v in items) or None
+
+
+def _given(settings: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (settings or {}).items() if v is not None}
+
+
+# Settings holding lists of names, which a grid file or an option may give as "a,b c"
+_LIST_TRAIN = ("cameras",)
+_LIST_EVAL = ("drivers", "cameras")
+
+
+def grid_config(store: str | Path, out: str | Path, grid: dict[str, Any] | None = None, *,
+                subjects: str | Sequence[str] | None = None,
+                methods: str | Sequence[str] | None = None,
+                seeds: str | Sequence[int | str] | None = None,
+                train: dict[str, Any] | None = None,
+                evaluation: dict[str, Any] | None = None,
+                gpus_per_run: float | None = None, cpus_per_run: int | None = None,
+                retries: int | None = None, address: str | None = None) -> SweepConfig:
+    """The sweep a grid file and command-line settings describe (``rafmodel sweep``).
+
+    grid: :func:`load_grid`'s dict (None: no file). The other arguments are command-line
+    settings, which win; None (also as a value in ``train`` / ``evaluation``) means "not
+    given": the file's value, else the :class:`SweepConfig` / TrainConfig / EvalConfig
+    default. subjects, methods, seeds replace the file's lists ("388,422" or a sequence);
+    train and evaluation override the file's settings key by key, and ``train["loss"]`` the
+    file's loss settings key by key. List settings (subjects, train cameras, eval drivers and
+    cameras) may be given as "a,b c" anywhere. RafDataError (one line) for no subjects
+    anywhere or a seed that is not an integer. Not validated further: :class:`Sweep` does.
+    """
+    doc = grid or {}
+    given = _given(train)
+    loss = _given(given.pop("loss", None))
+    settings = {**doc.get("train", {}), **given}
+    if loss:  # a weight file given here keeps the file's other loss settings
+        settings["loss"] = {**settings.get("loss", {}), **{k: str(v) for k, v in loss.items()}}
+    ecfg = {**doc.get("evaluation", {}), **_given(evaluation)}
+    for part, keys in ((settings, _LIST_TRAIN), (ecfg, _LIST_EVAL)):
+        for key in keys:
+            if part.get(key) is not None:
+                part[key] = _names(part[key])
+    picked = {"subjects": _names(subjects) or _names(doc.get("subjects")),
+              "methods": _names(methods) or _names(doc.get("methods")),
+              "seeds": _names(seeds) or _names(doc.get("seeds"))}
+    if not picked["subjects"]:
+        raise RafDataError(None, "give --subjects (or subjects in the --grid file)")
+    if picked["seeds"]:
+        try:
+            picked["seeds"] = tuple(int(v) for v in picked["seeds"])
+        except ValueError:
+            raise RafDataError(None, f"seeds must be integers, not {','.join(picked['seeds'])}"
+                               ) from None
+    resources = {"gpus_per_run": gpus_per_run, "cpus_per_run": cpus_per_run,
+                 "retries": retries}
+    return SweepConfig(store=str(store), out=str(out), **_given(picked),
+                       method_defs=doc.get("method_defs", {}), train=settings,
+                       evaluation=ecfg, address=address, **_given(resources))
+
+
 def cell_rows(states: Sequence[CellState]) -> list[tuple[str, ...]]:
     """Table rows (subject, method, seed, state, progress, note) for a live display."""
     rows = []
@@ -545,5 +620,5 @@ def cell_rows(states: Sequence[CellState]) -> list[tuple[str, ...]]:
 
 
 __all__ = ["CELL_KEYS", "METHODS", "METHOD_KEYS", "STATES", "Cell", "CellError", "CellState",
-           "Sweep",
-           "SweepConfig", "cell_rows", "load_grid", "read_cell", "run_cell", "run_sweep"]
+           "Sweep", "SweepConfig", "cell_rows", "grid_config", "load_grid", "read_cell",
+           "run_cell", "run_sweep"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +40,11 @@ import numpy as np
 import torch
 
 from rafdata.errors import RafDataError
+from rafmodel.config import VIEWER_RENDER_SIZES, ViewerConfig
+from rafmodel.evaluate.config import FRONTAL_SERIAL  # the camera a browser starts at
 from rafmodel.evaluate.frames import cameras_of
-from rafmodel.export import driving_coeffs, subject_pose
+from rafmodel.export import SubjectPose, driving_coeffs
 
-FRONTAL_SERIAL = "222200037"  # the camera a browser starts at when the subject has it
 PC_SLIDERS = 5
 
 
@@ -123,12 +124,12 @@ class Viewer:
 
     Use :meth:`from_runs` (trained runs) or :meth:`for_training` (a live Runner); ``stop()``
     shuts the server down. ``frames_sent``: client id -> images sent (tests and status).
+    ``cfg.device`` is for :meth:`from_runs`; the constructor renders on ``device``.
     """
 
-    def __init__(self, sources: list[AvatarSource], store, *, port: int = 8080,
-                 host: str = "127.0.0.1", render_size: int | None = None,
-                 device: torch.device | str = "cpu", backend: str = "auto",
-                 refresh_s: float | None = None, own_thread: bool = True):
+    def __init__(self, sources: list[AvatarSource], store, cfg: ViewerConfig, *,
+                 device: torch.device | str = "cpu", refresh_s: float | None = None,
+                 own_thread: bool = True):
         import viser
 
         if not sources:
@@ -136,10 +137,13 @@ class Viewer:
         self.sources = sources
         self.store = store
         self.device = torch.device(device)
-        self.backend = backend
+        self.backend = cfg.backend
         # live training changes the avatar under a still camera: re-render every refresh_s
         self.refresh_s = refresh_s
-        self.render_size = render_size or (512 if self.device.type == "cuda" else 160)
+        self.render_size = cfg.render_size or VIEWER_RENDER_SIZES[
+            "cuda" if self.device.type == "cuda" else "cpu"]
+        # the cross-driving pose rule's summary of each subject: once, not per render
+        self._poses = {s.subject: SubjectPose.of(store, s.subject) for s in sources}
         self.frames_sent: dict[int, int] = {}
         self.step: int | None = None
         self._seen: dict[int, float] = {}  # client id -> camera timestamp last rendered
@@ -148,14 +152,14 @@ class Viewer:
         self._playing_since = time.perf_counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._subject = store.identity_index(sources[0].subject)
+        self._subject = self._poses[sources[0].subject].identity
         self._setup_drivers()
         self._setup_bank()
-        _check_host(host)
+        _check_host(cfg.host)
         # Port 0: the OS picks a free one (tests); a busy port: viser tries the next ones.
-        self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        self.server = viser.ViserServer(host=cfg.host, port=cfg.port, verbose=False)
         self.port = self.server.get_port()
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"http://{cfg.host}:{self.port}"
         try:
             self._build_scene()
             self._build_gui()
@@ -171,16 +175,17 @@ class Viewer:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_runs(cls, runs: list[str | Path], store_path: str | Path | None = None, *,
-                  port: int = 8080, device: str = "auto", render_size: int | None = None,
-                  backend: str = "auto", host: str = "127.0.0.1") -> Viewer:
+    def from_runs(cls, runs: Sequence[str | Path], store_path: str | Path | None = None,
+                  cfg: ViewerConfig | None = None) -> Viewer:
         """A viewer of trained runs (folders or checkpoints). ``store_path``: default the
-        first run's training store. RafDataError (one line) for a bad run or store."""
+        first run's training store. ``cfg``: default :class:`ViewerConfig`'s defaults.
+        RafDataError (one line) for a bad run or store."""
         from rafdata.store import Store
         from rafmodel.device import select_device
         from rafmodel.evaluate.runs import load_run, unique_labels
 
-        dev = select_device(device)
+        cfg = cfg or ViewerConfig()
+        dev = select_device(cfg.device)
         infos = [load_run(r, dev) for r in runs]
         unique_labels(infos)
         store = Store(store_path if store_path is not None else infos[0].train["store"])
@@ -189,22 +194,22 @@ class Viewer:
                                 subject=i.subject, model=(lambda m=i.model: m),
                                 background=i.background, bank=i.train.get("bank"))
                    for i in infos]
-        return cls(sources, store, port=port, host=host, render_size=render_size,
-                   device=dev, backend=backend)
+        return cls(sources, store, cfg, device=dev)
 
     @classmethod
-    def for_training(cls, runner, port: int = 8080, host: str = "127.0.0.1") -> Viewer:
-        """A viewer of a live :class:`rafmodel.train.Runner`: rendered between training
-        steps from the training loop (:meth:`tick`), refreshed every second."""
+    def for_training(cls, runner, port: int = ViewerConfig.port) -> Viewer:
+        """A viewer of a live :class:`rafmodel.train.Runner`, on localhost: rendered between
+        training steps from the training loop (:meth:`tick`), refreshed every second."""
         from rafdata.store import Store
 
         c = runner.cfg
         src = AvatarSource(label=f"training {c.aug}", subject=runner.dataset.subject,
                            model=lambda: runner.model, background=runner.background,
                            bank=c.bank)
-        return cls([src], Store(c.store), port=port, host=host,
-                   render_size=max(runner.width, runner.height), device=runner.device,
-                   backend=c.backend, refresh_s=1.0, own_thread=False)
+        cfg = ViewerConfig(port=port, render_size=max(runner.width, runner.height),
+                           backend=c.backend)
+        return cls([src], Store(c.store), cfg, device=runner.device, refresh_s=1.0,
+                   own_thread=False)
 
     def _setup_drivers(self) -> None:
         st = self.store
@@ -255,7 +260,7 @@ class Viewer:
 
     def _build_scene(self) -> None:
         st = self.store
-        t_mean, _ = subject_pose(st, self._subject)
+        t_mean = self._poses[self.sources[0].subject].translation
         self.head_center = t_mean
         cams = cameras_of(st, self._subject)
         self.cameras: dict[str, int] = {st.cameras.serial[c]: c for c in cams}
@@ -384,7 +389,7 @@ class Viewer:
         rule in :func:`rafmodel.export.driving_coeffs`), its RAF neighbour's expression when
         shown, plus the PC offsets."""
         t = self.current_timestep()
-        c = driving_coeffs(self.store, source.subject, t)
+        c = driving_coeffs(self.store, self._poses[source.subject], t)
         exp = c.exp.double().numpy()
         if self.show_neighbor and self.neighbors is not None:
             exp = self.store.timesteps.exp[int(self.neighbors[t, 0])].astype(np.float64)

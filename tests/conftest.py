@@ -1,4 +1,5 @@
-"""Session-scoped tiny datasets made by the synthetic generator (h5py-style small helpers)."""
+"""Session-scoped tiny datasets and stores made by the synthetic generator (h5py-style small
+helpers); the shared command, store, media and training helpers live in tests/*_helpers.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = dict(
+TINY_SYNTH = dict(  # the session datasets (see tests/train_helpers.py for training)
     participants=("388", "422", "443"),
     sequences=("EXP-1-head", "FREE"),
     cameras=("222200037", "222200038"),
@@ -22,7 +23,7 @@ TINY = dict(
 def _synth(root: Path, layout: str = "nersemble", **overrides) -> Path:
     from rafdata.synth import SynthConfig, write_dataset, write_gha_dataset
 
-    cfg = SynthConfig(**{**TINY, **overrides})
+    cfg = SynthConfig(**{**TINY_SYNTH, **overrides})
     (write_gha_dataset if layout == "gha" else write_dataset)(root, cfg)
     return root
 
@@ -55,6 +56,27 @@ def bfm_store(synth_bfm, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "store.h5"
     ingest(synth_bfm, out, IngestConfig(workers=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def banked_store(bfm_store, tmp_path_factory) -> Path:
+    """A copy of ``bfm_store`` with bank "full" (every training frame a member, k=4), for
+    RAF training, viewers, studies (read-only for tests: copy it, or use
+    ``banked_store_copy``, to modify)."""
+    from rafdata.bank import BankConfig, build_bank
+    from rafdata.store import copy_store
+
+    path = copy_store(bfm_store, tmp_path_factory.mktemp("banked") / "store.h5")
+    build_bank(path, BankConfig(frames_per_id=200, k=4, threads=1))
+    return path
+
+
+@pytest.fixture
+def banked_store_copy(banked_store, tmp_path) -> Path:
+    """A private copy of ``banked_store`` that a test may modify."""
+    from rafdata.store import copy_store
+
+    return copy_store(banked_store, tmp_path / "banked.h5")
 
 
 @pytest.fixture

@@ -1,32 +1,22 @@
-"""Helpers for the crash tests: run a CLI command killed at a named crash point, and compare
-two stores by everything the store contract defines (tables, image bytes, banks)."""
+"""Helpers for the crash tests: list the crash points a CLI command passes, compare two stores
+by everything the store contract defines (tables, image bytes, banks), and run a script where
+it may mount a small tmpfs (the full-disk tests). Running a command: tests/cli_helpers.py."""
 
 from __future__ import annotations
 
-import os
+import functools
+import shutil
 import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from rafdata.store import Store
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(tool: str, *args: str, fault: str | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m cli.TOOL ARGS`` in a subprocess; ``fault`` sets RAFDATA_FAULT."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAFDATA_FAULT", None)
-    if fault:
-        env["RAFDATA_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", f"cli.{tool}", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+from tests.cli_helpers import cli_env, run_cli
 
 
 def crash_points(tool: str, *args: str) -> Counter:
@@ -81,11 +71,29 @@ def assert_same_store(a: Path, b: Path) -> None:
             np.testing.assert_array_equal(va, vb, err_msg=k)
 
 
-def cli_process(tool: str, *args: str, fault: str | None = None) -> subprocess.Popen:
-    """Like :func:`run_cli`, started in the background."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAFDATA_FAULT", None)
-    if fault:
-        env["RAFDATA_FAULT"] = fault
-    return subprocess.Popen([sys.executable, "-m", f"cli.{tool}", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@functools.cache
+def _tmpfs_unavailable() -> str | None:
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c",
+                            "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
+                           capture_output=True, text=True)
+    if probe.returncode:
+        return f"cannot mount a tmpfs in a user namespace: {probe.stderr.strip()}"
+    return None
+
+
+def require_tmpfs() -> None:
+    """Skip the calling test unless a tmpfs can be mounted in a private user and mount
+    namespace (probed once per session), as :func:`run_unshared` scripts do."""
+    why = _tmpfs_unavailable()
+    if why:
+        pytest.skip(why)
+
+
+def run_unshared(script: str) -> subprocess.CompletedProcess:
+    """Run the bash ``script`` as root of a private user and mount namespace
+    (``unshare -rm``), where it may mount a small tmpfs; the CLI importable as in
+    :func:`tests.cli_helpers.run_cli`. Returns it with text stdout/stderr."""
+    return subprocess.run(["unshare", "-rm", "bash", "-c", script], capture_output=True,
+                          text=True, env=cli_env())

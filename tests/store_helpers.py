@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,8 @@ def flip_bytes(path: Path, offset: int, count: int = 16) -> None:
         data = bytearray(fh.read(count))
         fh.seek(offset)
         fh.write(bytes(b ^ 0xFF for b in data))
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (to check a file is byte-identical after a refusal)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

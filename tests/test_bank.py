@@ -3,23 +3,17 @@ checked reading (every damage refused in one line), kills and a full disk during
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import click
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli.common import FriendlyGroup
 from cli.rafdata_bank import build_bank as build_bank_cmd
 from rafdata.bank import (
     Bank,
@@ -38,7 +32,9 @@ from rafdata.bank import (
 from rafdata.errors import RafDataError, StoreError
 from rafdata.store import Store, copy_store
 from rafdata.writer import StoreWriter
-from tests.crash_helpers import ROOT, cli_process, crash_points, killed, run_cli
+from tests.cli_helpers import cli_process, command_group, run_cli, run_python
+from tests.crash_helpers import crash_points, killed, require_tmpfs, run_unshared
+from tests.store_helpers import sha256
 
 D = 16
 
@@ -86,10 +82,6 @@ def raw_bank(path: Path, name: str) -> dict:
                "nb_attrs": dict(g["neighbors"].attrs)}
         out["hnsw"] = g["hnsw"][:] if "hnsw" in g else None
     return out
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def temporaries(path: Path) -> list[Path]:
@@ -301,18 +293,9 @@ def test_bad_inputs(store, tmp_path):
         assert "banks" not in f  # nothing was written by the refusals
 
 
-def _cli() -> click.Group:
-    @click.group(cls=FriendlyGroup)
-    def group() -> None:
-        pass
-
-    group.add_command(build_bank_cmd)
-    return group
-
-
 def test_cli(store):
     runner = CliRunner()
-    cli = _cli()
+    cli = command_group(build_bank_cmd)
     res = runner.invoke(cli, ["build-bank", str(store), "--frames-per-id", "20", "--k", "5",
                               "--M", "8", "--ef", "40", "--threads", "2"])
     assert res.exit_code == 0, res.output
@@ -593,11 +576,38 @@ def test_old_bank_without_checksums_loads(damaged):
         Bank.load(damaged, "full")
 
 
+def test_opened_closes_only_the_store_it_opened(banked, monkeypatch):
+    """The one helper by which bank, coverage and plot readers take a path or a Store."""
+    from rafdata.bank import opened
+
+    closed = []
+    real_close = Store.close
+    monkeypatch.setattr(Store, "close", lambda self: closed.append(self) or real_close(self))
+    with opened(banked) as st:
+        assert isinstance(st, Store) and bank_names(st) == ["full"]
+    assert closed == [st]  # a path: its Store is closed again on exit
+    closed.clear()
+    mine = Store(banked)
+    with opened(mine) as st:
+        assert st is mine
+    assert closed == []  # the caller's Store stays the caller's
+    mine.close()
+
+
+def test_bank_attrs_are_plain_python(banked):
+    """Attrs come back as JSON-ready Python, as `inspect` shows them (one converter)."""
+    tables = read_bank(banked, "full")
+    for attrs in (tables.attrs, tables.nb_attrs):
+        json.dumps(attrs)
+        assert not any(isinstance(v, (bytes, np.generic, np.ndarray)) for v in attrs.values())
+    assert tables.attrs["identities"] == [f"{i:03d}" for i in range(20)]
+    assert tables.attrs["exact"] is False and tables.nb_attrs["k"] == 8
+
+
 def test_importing_bank_and_coverage_loads_no_torch_hnswlib_or_matplotlib():
     code = ("import sys, cli.rafdata, rafdata.bank, rafdata.coverage, rafdata.inspect; "
             "print(sorted(m for m in ('torch', 'hnswlib', 'matplotlib') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
@@ -687,17 +697,6 @@ def test_build_bank_killed_at_random_times_then_rerun(small_banked, rebuilt, tmp
     assert _same(_tables(path), rebuilt) and not temporaries(path)
 
 
-def _tmpfs_unavailable() -> str | None:
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is not installed"
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c",
-                            "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
-                           capture_output=True, text=True)
-    if probe.returncode:
-        return f"cannot mount a tmpfs in a user namespace: {probe.stderr.strip()}"
-    return None
-
-
 def test_build_bank_on_a_full_disk_fails_in_one_line_and_keeps_the_store(small_banked,
                                                                          rebuilt, tmp_path):
     """Replace a bank on a small tmpfs (private mount namespace) with too little room for
@@ -705,9 +704,7 @@ def test_build_bank_on_a_full_disk_fails_in_one_line_and_keeps_the_store(small_b
     (RAFDATA_SPACE_CHECK=0) failing in the write itself. Both: one line, exit 2, the store
     byte-identical, no temporary left (an old-build leftover group in it changes nothing).
     With room again the rerun succeeds."""
-    why = _tmpfs_unavailable()
-    if why:
-        pytest.skip(why)
+    require_tmpfs()
     (tmp_path / "src").mkdir()
     src = copy_store(small_banked, tmp_path / "src" / "s.h5")
     _legacy_leftover(src)
@@ -739,8 +736,7 @@ def test_build_bank_on_a_full_disk_fails_in_one_line_and_keeps_the_store(small_b
         echo "rerun=$?" >> {q(str(log))}
         mkdir {q(str(out))}/final && cp -r s.h5 s.h5.parts {q(str(out))}/final/
     """
-    proc = subprocess.run(["unshare", "-rm", "bash", "-c", script], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_unshared(script)
     assert log.exists(), proc.stderr
     rcs = dict(line.split("=", 1) for line in log.read_text().splitlines())
     for check in "10":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -14,6 +12,7 @@ from click.testing import CliRunner
 from cli.rafdata import main as rafdata
 from cli.rafmodel import main as rafmodel
 from rafdata.store import copy_store
+from tests.cli_helpers import ProgressRecorder, run_cli, run_python
 
 
 @pytest.fixture
@@ -60,24 +59,19 @@ def test_ingest_then_resume_via_cli(runner, synth_bfm, tmp_path):
     assert res.exit_code == 0 and "wrote 0 sequences" in res.output and "2 already" in res.output
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.rafdata", *args], capture_output=True,
-                          text=True)
-
-
 def test_user_errors_are_one_line_without_traceback(synth_copy, tmp_path):
     (synth_copy / "388" / "calibration" / "camera_params.json").unlink()
-    proc = _run("ingest", str(synth_copy), "-o", str(tmp_path / "o.h5"), "--quiet")
+    proc = run_cli("rafdata", "ingest", str(synth_copy), "-o", str(tmp_path / "o.h5"), "--quiet")
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "camera_params.json" in lines[0]
     assert "Traceback" not in proc.stderr
 
-    proc = _run("inspect", str(tmp_path / "missing.h5"))
+    proc = run_cli("rafdata", "inspect", str(tmp_path / "missing.h5"))
     assert proc.returncode == 2 and "no such store file" in proc.stderr
     assert "Traceback" not in proc.stderr
 
-    proc = _run("ingest", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.h5"))
+    proc = run_cli("rafdata", "ingest", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.h5"))
     assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -102,13 +96,78 @@ def test_rafmodel_env(runner):
         assert runner.invoke(rafmodel, ["env", "--device", "cuda"]).exit_code == 2
 
 
-def test_inspect_shows_banks_and_verifies_them(runner, bfm_store, tmp_path):
+def test_rafmodel_defaults_and_choices_come_from_the_library():
+    """One source of truth: each option's default and choices are the library's."""
+    import dataclasses
 
-    from rafdata.bank import BankConfig, build_bank
+    from rafmodel.compare import GROUPINGS
+    from rafmodel.config import (
+        DEVICES,
+        EMOTION_DEVICE,
+        FRONTAL_SERIAL,
+        REGRESSOR_FIT_DEVICE,
+        TRAIN_CHOICES,
+        EvalConfig,
+        ExportConfig,
+        TrainConfig,
+        ViewerConfig,
+    )
+    from rafmodel.stats import BASELINE
+    from rafmodel.sweep import METHODS, SweepConfig
 
-    path = tmp_path / "banked.h5"
-    copy_store(bfm_store, path)
-    build_bank(path, BankConfig(k=4, threads=1))
+    def opts(name):
+        return {p.name: p for p in rafmodel.commands[name].params}
+
+    def defaults(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+
+    train = opts("train")
+    for name, value in defaults(TrainConfig).items():
+        if name in train and name not in ("iters", "resolution", "num_gaussians", "mlp_width"):
+            assert train[name].default == value, name  # those four: None = by device
+    for name, choices in TRAIN_CHOICES.items():
+        assert tuple(train[name].type.choices) == choices, name
+    assert train["viewer_port"].default == ViewerConfig.port
+    assert opts("env")["device"].default == TrainConfig.device
+    view = opts("view")
+    assert {k: view[k].default for k in ("port", "host", "render_size", "device")} == {
+        k: v for k, v in defaults(ViewerConfig).items() if k != "backend"}
+    assert opts("export")["device"].default == ExportConfig.device
+    compare = opts("compare")
+    assert tuple(compare["by"].type.choices) == GROUPINGS
+    assert compare["by"].default == GROUPINGS[0] and compare["baseline"].default == BASELINE
+    sweep = opts("sweep")
+    assert all(m in sweep["methods"].help for m in METHODS)
+    assert {p for p in sweep if p in TRAIN_CHOICES} == set(TRAIN_CHOICES) - {"aug"}
+    assert str(sweep["out"].default) == SweepConfig.out
+    # the sweep's eval options default to None (= EvalConfig's); their help names it
+    assert f"[default: {EvalConfig.emotion}]" in sweep["emotion"].help
+    assert "[default: on]" in sweep["videos"].help and EvalConfig.videos
+    ev = opts("eval")
+    shown = {name: value for name, value in defaults(EvalConfig).items() if name in ev}
+    assert set(shown) == {"out", "cameras", "drivers", "frames", "regressor", "emotion",
+                          "vgg_weights", "lpips_weights", "synth_root", "videos",
+                          "skip_corrupt", "device"}
+    assert {name: ev[name].default for name in shown} == shown
+    assert tuple(ev["device"].type.choices) == DEVICES
+    assert FRONTAL_SERIAL in ev["cameras"].help
+    fit = opts("fit-regressor")["device"]
+    assert fit.default == REGRESSOR_FIT_DEVICE and tuple(fit.type.choices) == DEVICES
+    emotion = opts("emotion")["device"]
+    assert emotion.default == EMOTION_DEVICE and tuple(emotion.type.choices) == DEVICES
+
+
+def test_rafmodel_eval_needs_runs_and_a_store(tmp_path):
+    """RUN... STORE with the store missing: one line on stderr, exit 2, no traceback."""
+    proc = run_cli("rafmodel", "eval", str(tmp_path))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "at least one RUN and the STORE" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_inspect_shows_banks_and_verifies_them(runner, banked_store_copy):
+    path = banked_store_copy
     res = runner.invoke(rafdata, ["inspect", str(path), "--json", "--verify", "--quiet"])
     info = json.loads(res.stdout)
     assert res.exit_code == 0 and info["verify"]["ok"]
@@ -160,7 +219,7 @@ def test_help_loads_no_heavy_module(tool):
             "from click.testing import CliRunner; "
             "assert CliRunner().invoke(m.main, ['--help']).exit_code == 0; "
             f"print(sorted(x for x in {heavy!r} if x in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout
 
@@ -182,3 +241,79 @@ def test_inspect_digest_equal_for_equal_stores(runner, bfm_store, synth_bfm, tmp
     with h5py.File(tmp_path / "copy.h5", "r+") as f:
         f["timesteps/scale"][0] += 1
     assert digest(tmp_path / "copy.h5") != ref
+
+
+def test_consolidate_refuses_a_missing_store(runner, tmp_path):
+    """Neither main file nor segment folder: refused before any lock or file is made."""
+    from rafdata.errors import StoreError
+    from rafdata.merge import consolidate
+
+    missing = tmp_path / "none.h5"
+    with pytest.raises(StoreError, match="no such store file and no segment folder"):
+        consolidate(missing)
+    res = runner.invoke(rafdata, ["consolidate", str(missing)])
+    assert res.exit_code == 2 and "no such store file" in res.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_consolidate_reports_progress(runner, bfm_store, tmp_path):
+    """A long merge shows a bar: one step per segment read, then the main file written."""
+    from rafdata.merge import consolidate
+    from rafdata.store import Store
+
+    path = copy_store(bfm_store, tmp_path / "s.h5")
+    with Store(path) as s:
+        segments = len(s.segment_paths)
+    rec = ProgressRecorder()
+    report = consolidate(path, rebuild=True, progress=rec)
+    assert len(report.merged) == segments > 1
+    assert rec.stages == [("reading segments", segments), ("writing the main file", 1)]
+    assert rec.steps == segments + 1
+    res = runner.invoke(rafdata, ["consolidate", str(path), "--quiet"])
+    assert res.exit_code == 0 and res.output == ""
+
+
+def test_ray_task_workers_default():
+    """--ray without --workers: one decoding thread per task (Ray runs a task per CPU)."""
+    from rafdata.distributed import TASK_WORKERS, task_workers
+
+    assert task_workers(None) == TASK_WORKERS == 1 and task_workers(3) == 3
+
+
+def test_ingest_workers_zero_is_refused(runner, synth_bfm, tmp_path):
+    out = tmp_path / "o.h5"
+    res = runner.invoke(rafdata, ["ingest", str(synth_bfm), "-o", str(out), "--quiet",
+                                  "--workers", "0"])
+    assert res.exit_code == 2 and "--workers must be >= 1 (got 0)" in res.output
+    assert not out.exists()
+
+
+def test_progress_prints_nothing_before_its_first_stage():
+    """A command that fails before any work shows its one-line error alone: the bar (and its
+    trailing newline) only appears once a stage starts."""
+    import io
+
+    from rich.console import Console
+
+    from rafdata.progress import RichProgress
+
+    out = io.StringIO()
+    with RichProgress(console=Console(file=out, force_terminal=False, width=80)) as p:
+        p.warn("careful")
+    assert out.getvalue() == "warning: careful\n"
+    with RichProgress(console=Console(file=out, force_terminal=False, width=80)) as p:
+        p.start("frames", 3)
+        p.advance(3)
+    assert "frames" in out.getvalue() and "3/3" in out.getvalue()
+
+
+@pytest.mark.parametrize("args", [["--tracking", "flame"], ["--tracking", "both"],
+                                  ["--no-alpha"]])
+def test_synth_gha_refuses_what_gha_never_holds(runner, tmp_path, args):
+    """GHA preprocessing always leaves BFM params and masks: asking for FLAME tracking or no
+    mattes is one line (SynthConfig.check_gha), and nothing is written."""
+    from cli.rafdata import main
+
+    r = runner.invoke(main, ["synth", str(tmp_path / "g"), "--layout", "gha", *args])
+    assert r.exit_code != 0 and "gha layout always holds BFM" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "g").exists()

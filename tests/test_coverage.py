@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import click
 import h5py
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from rafdata import coverage as cov
 from rafdata.coverage import CoverageConfig, all_subjects, b2t, kl_kde, mmd_rbf, subject_coverage
 from rafdata.errors import StoreError
 from rafdata.store import Store, copy_store
+from tests.cli_helpers import command_group
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -280,6 +280,34 @@ def test_driver_identities_restrict_the_target(cov_store, tmp_path):
     assert res.exit_code == 2 and "999" in res.output
 
 
+def test_coverage_report_opens_the_store_once(cov_store, monkeypatch):
+    """`rafdata coverage`'s library call: --drivers words sorted on the same opening of the
+    store as the analysis; one subject or all, the same rows as the direct calls."""
+    import rafdata.bank
+
+    opened = []
+
+    class CountingStore(Store):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(rafdata.bank, "Store", CountingStore)
+    cfg = CoverageConfig(n=40)
+    one = cov.coverage_report(cov_store, cfg, subject="388", drivers=["FREE", "422"])
+    assert len(opened) == 1
+    direct = subject_coverage(cov_store, "388", CoverageConfig(
+        n=40, drivers=("FREE",), driver_identities=("422",)))
+    assert one["subjects"] == [direct] and "average" not in one
+    assert one["config"]["drivers"] == ["FREE"] and one["config"]["driver_identities"] == ["422"]
+    opened.clear()
+    every = cov.coverage_report(cov_store, cfg)
+    assert len(opened) == 1
+    assert every == all_subjects(cov_store, cfg)
+    with pytest.raises(StoreError, match="NOPE"):
+        cov.coverage_report(cov_store, cfg, subject="388", drivers=["NOPE"])
+
+
 def test_coverage_errors(cov_store):
     with pytest.raises(StoreError, match="999"):
         subject_coverage(cov_store, "999")
@@ -318,16 +346,9 @@ def test_with_rafdata_bank(cov_store, tmp_path):
 
 
 def _cli():
-    from cli.common import FriendlyGroup
     from cli.rafdata_coverage import coverage, plot_bank
 
-    @click.group(cls=FriendlyGroup)
-    def group():
-        pass
-
-    group.add_command(coverage)
-    group.add_command(plot_bank)
-    return group
+    return command_group(coverage, plot_bank)
 
 
 def test_coverage_command(cov_store, tmp_path):
@@ -350,10 +371,11 @@ def test_coverage_command(cov_store, tmp_path):
 def test_plot_bank_writes_png(cov_store, tmp_path):
     from PIL import Image
 
+    from rafdata.config import PlotBankConfig
     from rafdata.plots import plot_bank
 
     out = tmp_path / "bank.png"
-    info = plot_bank(cov_store, out, n_queries=3, seed=1)
+    info = plot_bank(cov_store, out, PlotBankConfig(n_queries=3, seed=1))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out) as im:
         assert im.size[0] > 800 and im.size[1] > 500

@@ -12,7 +12,14 @@ import pytest
 
 from rafdata.inspect import verify
 from rafdata.store import Store
-from tests.crash_helpers import assert_same_store, crash_points, killed, run_cli
+from tests.cli_helpers import ROOT, cli_process, run_cli
+from tests.crash_helpers import (
+    assert_same_store,
+    crash_points,
+    killed,
+    require_tmpfs,
+    run_unshared,
+)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +114,6 @@ def test_second_writer_is_refused_and_first_completes(synth_bfm, tmp_path, refer
     """Two ingests into one path: the second is refused in one line naming the holder."""
     import signal
 
-    from tests.crash_helpers import cli_process
-
     out = tmp_path / "two.h5"
     assert run_cli("rafdata", "ingest", str(synth_bfm), "-o", str(out), "--quiet",
                    "--participants", "388").returncode == 0
@@ -162,8 +167,6 @@ def test_file_size_limit_fails_in_one_line_and_keeps_the_store(synth_bfm, tmp_pa
     import subprocess
     import sys
 
-    from tests.crash_helpers import ROOT
-
     out = tmp_path / "limited.h5"
     before = _partial_store(synth_bfm, out)
     cmd = (f"ulimit -f {limit_kib}; exec {shlex.quote(sys.executable)} -m cli.rafdata ingest "
@@ -179,18 +182,6 @@ def test_file_size_limit_fails_in_one_line_and_keeps_the_store(synth_bfm, tmp_pa
     assert_same_store(out, reference["images"])
 
 
-def _can_mount_tmpfs() -> str | None:
-    import shutil
-    import subprocess
-
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is not installed"
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c",
-                            "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
-                           capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"cannot mount a tmpfs: {probe.stderr.strip()}"
-
-
 def test_full_filesystem_fails_in_one_line_and_the_next_run_completes(synth_bfm, tmp_path,
                                                                       reference):
     """Ingest and build-bank on a filesystem that fills up (a small tmpfs in a private mount
@@ -198,17 +189,12 @@ def test_full_filesystem_fails_in_one_line_and_the_next_run_completes(synth_bfm,
     fails midway): one line, exit 2, nothing committed lost or changed; with space again the
     reruns complete."""
     import json
-    import os
     import shlex
-    import subprocess
     import sys
 
     from rafdata.store import copy_store
-    from tests.crash_helpers import ROOT
 
-    why = _can_mount_tmpfs()
-    if why:
-        pytest.skip(why)
+    require_tmpfs()
     partial = tmp_path / "partial.h5"
     before = _partial_store(synth_bfm, partial)
     copy_store(reference["images"], tmp_path / "full.h5")
@@ -243,8 +229,7 @@ def test_full_filesystem_fails_in_one_line_and_the_next_run_completes(synth_bfm,
         cp -r partial.h5 partial.h5.parts {q(tmp_path / "out")}/
     """
     (tmp_path / "out").mkdir()
-    proc = subprocess.run(["unshare", "-rm", "bash", "-c", script], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_unshared(script)
     log = dict(line.split("=", 1) for line in (tmp_path / "log").read_text().splitlines())
     assert not any(k == "traceback" for k in log), log
     for check in "10":
@@ -256,3 +241,18 @@ def test_full_filesystem_fails_in_one_line_and_the_next_run_completes(synth_bfm,
     assert len(info["sequences"]) >= before and info["verify"]["ok"]
     assert log["rerun"] == "0" and log["rebank"] == "0", (log, proc.stderr)
     assert_same_store(tmp_path / "out" / "partial.h5", reference["images"])
+
+
+def test_segment_writeback_starts_while_writing(tmp_path, monkeypatch):
+    """A large file asks the kernel to start its writeback every WRITEBACK_EVERY bytes (so
+    that the commit's fsync finds little left); the bytes themselves are unchanged."""
+    from rafdata import commit
+
+    started = []
+    monkeypatch.setattr(commit, "WRITEBACK_EVERY", 1000)
+    monkeypatch.setattr(commit, "start_writeback", lambda fd: started.append(fd))
+    with commit.GuardedFile(tmp_path / "f", "xb+") as f:
+        for _ in range(6):
+            f.write(b"x" * 450)
+    assert len(started) == 2  # once 1350 bytes are written, and again after 1350 more
+    assert (tmp_path / "f").read_bytes() == b"x" * 2700

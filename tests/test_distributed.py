@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from rafdata.errors import StoreError
 from rafdata.ingest import IngestConfig, ingest
-from tests.crash_helpers import ROOT, assert_same_store, killed, run_cli
+from tests.cli_helpers import run_cli, run_python
+from tests.crash_helpers import assert_same_store, killed
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +75,8 @@ def test_killed_driver_and_killed_tasks_resume(ray_cluster, synth_bfm, tmp_path,
 
 
 def test_local_ingest_imports_no_ray(synth_bfm, tmp_path):
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-            "from rafdata.ingest import IngestConfig, ingest; "
+    code = ("import sys; from rafdata.ingest import IngestConfig, ingest; "
             f"ingest({str(synth_bfm)!r}, {str(tmp_path / 'x.h5')!r}, "
             "IngestConfig(no_images=True)); print('ray' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = run_python(code)
     assert proc.stdout.strip() == "False", proc.stderr

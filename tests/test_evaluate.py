@@ -23,6 +23,7 @@ from rafmodel.evaluate import (
     frame_metrics,
     pick_frames,
     render_K,
+    split_runs_and_store,
 )
 
 FRAMES = 3  # timesteps per held-out sequence evaluated (of 4)
@@ -82,17 +83,11 @@ def synth(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(synth, tmp_path_factory):
     """Two tiny runs of subject 388: vanilla and noise."""
-    from rafmodel.train import Runner, TrainConfig
+    from tests.train_helpers import train_tiny
 
     base = tmp_path_factory.mktemp("runs")
-    out = {}
-    for aug in ("vanilla", "noise"):
-        cfg = TrainConfig(store=str(synth[1]), subject="388", aug=aug, iters=5,
-                          out=str(base / f"388-{aug}"), resolution=32, num_gaussians=300,
-                          mlp_width=32, workers=0, device="cpu")
-        Runner(cfg, warn=lambda m: None).train()
-        out[aug] = base / f"388-{aug}"
-    return out
+    return {aug: train_tiny(synth[1], base / f"388-{aug}", aug=aug, iters=5)
+            for aug in ("vanilla", "noise")}
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +297,27 @@ def test_eval_refuses_bad_input(synth, runs, tmp_path):
                                                          cameras=("999",), device="cpu"))
     with pytest.raises(RafDataError, match="config.json"):
         evaluate([tmp_path], synth[1], EvalConfig(out=str(tmp_path / "e"), device="cpu"))
+
+
+def test_split_runs_and_store(tmp_path):
+    """eval's RUN... STORE and view's RUN... [STORE]: one rule, a flag for the store."""
+    run, ckpt, store = tmp_path / "run", tmp_path / "last.pt", tmp_path / "store.h5"
+    run.mkdir()
+    # view: the last of several paths is the store unless it is a run
+    assert split_runs_and_store([run], store_required=False) == ([run], None)
+    assert split_runs_and_store([run, str(store)], store_required=False) == ([run], store)
+    assert split_runs_and_store([run, ckpt], store_required=False) == ([run, ckpt], None)
+    assert split_runs_and_store([run, run], store_required=False) == ([run, run], None)
+    assert split_runs_and_store([store], store_required=False) == ([store], None)
+    with pytest.raises(RafDataError, match="at least one RUN folder"):
+        split_runs_and_store([], store_required=False)
+    # eval: the last path is always the store, so one path is not enough
+    assert split_runs_and_store([run, ckpt, str(store)], store_required=True) == (
+        [run, ckpt], store)
+    assert split_runs_and_store([run, run], store_required=True) == ([run], run)
+    for paths in ([], [run], [store]):
+        with pytest.raises(RafDataError, match="at least one RUN and the STORE"):
+            split_runs_and_store(paths, store_required=True)
 
 
 def test_eval_with_the_real_regressor(synth, runs, tmp_path):

@@ -11,32 +11,31 @@ from click.testing import CliRunner
 from cli.rafmodel import main as rafmodel
 from rafdata.errors import RafDataError
 from rafdata.store import Store
+from rafmodel.config import ExportConfig
+from rafmodel.evaluate.cross_driving import subject_pose
 from rafmodel.evaluate.runs import load_run, render_avatar
 from rafmodel.export import (
     SH_C0,
+    SubjectPose,
     driving_coeffs,
+    export_run,
+    export_timesteps,
     find_frame,
     frame_gaussians,
     ply_properties,
     read_ply,
     sequence_timesteps,
-    subject_pose,
     write_ply,
 )
 from rafmodel.render import render
 from rafmodel.targets import render_K
-from rafmodel.train import Runner, TrainConfig
+from tests.train_helpers import train_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny_run(bfm_store, tmp_path_factory):
     """A 2-step CPU run of subject 388 (the avatar need not be good, only trained)."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    cfg = TrainConfig(store=str(bfm_store), subject="388", aug="vanilla", iters=2, out=str(out),
-                      resolution=24, num_gaussians=200, mlp_width=32, workers=0, device="cpu",
-                      tensorboard=False)
-    Runner(cfg, warn=lambda m: None).train()
-    return out
+    return train_tiny(bfm_store, tmp_path_factory.mktemp("export") / "run")
 
 
 def test_ply_has_the_3dgs_layout_and_rerenders_to_the_same_image(tiny_run, bfm_store,
@@ -45,7 +44,7 @@ def test_ply_has_the_3dgs_layout_and_rerenders_to_the_same_image(tiny_run, bfm_s
     run = load_run(tiny_run, torch.device("cpu"))
     with Store(bfm_store) as st:
         t = int(sequence_timesteps(st, "388")[1])
-        c = driving_coeffs(st, "388", t)
+        c = driving_coeffs(st, SubjectPose.of(st, "388"), t)
         cam = int(np.flatnonzero(st.cameras.identity == st.identity_index("388"))[0])
         K = render_K(st.cameras.K[cam], st.image_size, run.width, run.height)
         w2c = torch.from_numpy(st.cameras.world_to_cam[cam].astype(np.float32))
@@ -85,14 +84,16 @@ def test_ply_has_the_3dgs_layout_and_rerenders_to_the_same_image(tiny_run, bfm_s
 def test_cross_driving_uses_the_evaluation_pose_rule(bfm_store):
     with Store(bfm_store) as st:
         other = int(sequence_timesteps(st, "422")[2])
-        c = driving_coeffs(st, "388", other)
+        me = SubjectPose.of(st, "388")
+        c = driving_coeffs(st, me, other)
         t_mean, scale = subject_pose(st, st.identity_index("388"))
+        assert me.identity == st.identity_index("388") and me.scale == scale
         np.testing.assert_allclose(c.pose[:3].numpy(), st.timesteps.pose[other, :3], atol=1e-6)
         np.testing.assert_allclose(c.pose[3:].numpy(), t_mean, rtol=1e-5)
         assert abs(float(c.scale) - scale) < 1e-5
         np.testing.assert_array_equal(c.exp.numpy(), st.timesteps.exp[other])
         own = int(sequence_timesteps(st, "388")[0])  # self-driving: pose as tracked
-        np.testing.assert_allclose(driving_coeffs(st, "388", own).pose.numpy(),
+        np.testing.assert_allclose(driving_coeffs(st, me, own).pose.numpy(),
                                    st.timesteps.pose[own], atol=1e-6)
         frame = int(st.timesteps.frame[other])
         assert find_frame(st, "422", frame) == other
@@ -100,6 +101,47 @@ def test_cross_driving_uses_the_evaluation_pose_rule(bfm_store):
             find_frame(st, "422", 999)
         with pytest.raises(RafDataError, match="no sequence 'NOPE'"):
             sequence_timesteps(st, "422", "NOPE")
+
+
+def test_export_timesteps_picks_the_frames_the_options_name(bfm_store):
+    with Store(bfm_store) as st:
+        own = [int(t) for t in sequence_timesteps(st, "388")]
+        other = [int(t) for t in sequence_timesteps(st, "422")]
+        frame = int(st.timesteps.frame[other[1]])
+        for cfg, rows in (
+            (ExportConfig(ply="a.ply"), own[:1]),  # the subject's held-out sequence, 1st frame
+            (ExportConfig(ply="a.ply", timestep=other[2]), [other[2]]),
+            (ExportConfig(ply="a.ply", driver="422", frame=frame), [other[1]]),
+            (ExportConfig(all_frames="d", driver="422"), other),
+            (ExportConfig(all_frames="d"), own),
+        ):
+            assert export_timesteps(st, "388", cfg) == rows, cfg
+        assert len(own) > 1 and len(other) > 1
+        for cfg, says in (
+            (ExportConfig(), "exactly one of --ply FILE or --all-frames DIR"),
+            (ExportConfig(ply="a", all_frames="d"), "exactly one of"),
+            (ExportConfig(ply="a", timestep=0, driver="422"), "--timestep names the frame"),
+            (ExportConfig(all_frames="d", frame=3), "--all-frames writes a whole sequence"),
+            (ExportConfig(ply="a", driver="999"), "999"),
+        ):
+            with pytest.raises(RafDataError, match=says):
+                export_timesteps(st, "388", cfg)
+
+
+def test_export_run_writes_a_sequence_with_one_subject_pose(tiny_run, bfm_store, tmp_path,
+                                                           monkeypatch):
+    """The subject's pose summary is computed once for a whole sequence, not per frame."""
+    import rafmodel.export as export
+
+    calls = []
+    real = export.subject_pose
+    monkeypatch.setattr(export, "subject_pose", lambda *a: calls.append(a) or real(*a))
+    done = export_run(tiny_run, None, ExportConfig(all_frames=str(tmp_path / "seq"),
+                                                   driver="422"))
+    assert len(calls) == 1 and len(done.paths) == len(done.frames) > 1
+    assert done.num_gaussians == 200 and all(p.is_file() for p in done.paths)
+    with pytest.raises(RafDataError, match="exactly one of"):  # checked before loading
+        export_run(tmp_path / "no-run", None, ExportConfig())
 
 
 def test_read_ply_refuses_damaged_files(tmp_path):

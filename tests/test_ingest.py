@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,10 +17,7 @@ from rafdata.progress import NullProgress
 from rafdata.rotations import euler_xyz_intrinsic_to_matrix
 from rafdata.store import Store
 from rafdata.synth.geometry import rodrigues
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from tests.store_helpers import sha256
 
 
 def decode_all(path: Path, channel0: bool = False) -> np.ndarray:
@@ -154,6 +150,27 @@ def test_gha_round_trip(synth_gha, tmp_path):
         assert check_invariants(s) == []
 
 
+def test_gha_frames_without_a_mask(synth_gha, tmp_path):
+    """Colour and masks decode as separate parts: a frame whose mask file is missing is
+    stored without a matte (has_mask False, mask_crc 0), every other image keeps its own."""
+    src = tmp_path / "gha"
+    shutil.copytree(synth_gha, src)
+    frames = sorted((src / "388" / "images").iterdir())
+    (frames[1] / "mask_222200037.jpg").unlink()
+    out = tmp_path / "gha.h5"
+    ingest(src, out, IngestConfig(workers=2, participants=("388",)))
+    with Store(out) as s:
+        missing = [i for i in range(s.n_images)
+                   if s.cameras.serial[s.image_camera[i]] == "222200037"
+                   and s.timesteps.frame[s.image_timestep[i]] == int(frames[1].name)]
+        assert len(missing) == 1
+        expect = np.ones(s.n_images, bool)
+        expect[missing] = False
+        np.testing.assert_array_equal(s.image_has_mask, expect)
+        assert s.image_mask_crc[missing[0]] == 0 and verify(s).ok
+        assert check_invariants(s) == []
+
+
 def test_crop_and_resize_keep_geometry(synth_bfm, bfm_store, tmp_path):
     """After --crop/--size the stored K re-renders the stored content (masks overlap)."""
     from rafdata.synth import SynthHead
@@ -227,7 +244,7 @@ def test_crash_mid_sequence_then_rerun_equals_clean_run(synth_bfm, bfm_store, tm
     from rafdata.segment import SequenceWriter
 
     out = tmp_path / "crash.h5"
-    real_put = SequenceWriter.put_image
+    real_put = SequenceWriter.put_rgb
     calls = {"n": 0}
 
     def flaky_put(self, *args, **kwargs):
@@ -236,13 +253,13 @@ def test_crash_mid_sequence_then_rerun_equals_clean_run(synth_bfm, bfm_store, tm
             raise KeyboardInterrupt
         return real_put(self, *args, **kwargs)
 
-    monkeypatch.setattr(SequenceWriter, "put_image", flaky_put)
+    monkeypatch.setattr(SequenceWriter, "put_rgb", flaky_put)
     with pytest.raises(KeyboardInterrupt):
         ingest(synth_bfm, out, IngestConfig(workers=2))
     with Store(out) as s:
         assert len(s.sequences) == 2  # only complete sequences are visible
         assert s.n_images == 2 * 2 * 4 and check_invariants(s) == []
-    monkeypatch.setattr(SequenceWriter, "put_image", real_put)
+    monkeypatch.setattr(SequenceWriter, "put_rgb", real_put)
     report = ingest(synth_bfm, out, IngestConfig(workers=2))
     assert len(report.skipped) == 2 and len(report.written) == 4
     with Store(out) as a, Store(bfm_store) as b:
@@ -293,10 +310,10 @@ def test_wrong_expression_dim(synth_copy, tmp_path):
 
 def test_mixing_expression_spaces(synth_bfm, synth_flame, tmp_path):
     out = _existing_store(synth_bfm, tmp_path)
-    before = sha(out)
+    before = sha256(out)
     with pytest.raises(SourceError, match="one store holds one space"):
         ingest(synth_flame, out, IngestConfig(participants=("422",)))
-    assert sha(out) == before
+    assert sha256(out) == before
 
 
 def test_missing_calibration(synth_copy, tmp_path):
@@ -348,10 +365,10 @@ def test_newer_store_refused_untouched(synth_bfm, tmp_path):
     out = _existing_store(synth_bfm, tmp_path)
     with h5py.File(out, "r+") as f:
         f.attrs["format_version"] = 99
-    before = sha(out)
+    before = sha256(out)
     with pytest.raises(StoreError, match="newer rafdata"):
         ingest(synth_bfm, out, IngestConfig())
-    assert sha(out) == before
+    assert sha256(out) == before
 
 
 def test_size_mismatch_needs_size_option(synth_bfm, tmp_path):
@@ -412,6 +429,19 @@ def test_camera_failing_mid_decode_is_dropped_and_the_sequence_redone(synth_copy
         np.testing.assert_array_equal(s.read_rgb(int(rows[0])), ref[0])
     with pytest.raises(SourceError, match="cam_222200038.mp4"):
         ingest(synth_copy, tmp_path / "strict.h5", IngestConfig(strict=True, workers=workers))
+
+
+def test_alpha_map_failing_mid_decode_drops_its_camera(synth_copy, tmp_path, monkeypatch):
+    """The alpha map decodes on its own thread: its failure drops the camera like a colour
+    video's, named in the warning."""
+    broken = synth_copy / "388" / "sequences" / "FREE" / "alpha_maps" / "cam_222200037.mp4"
+    _break_mid_decode(monkeypatch, broken, after=1)
+    report = ingest(synth_copy, tmp_path / "o.h5", IngestConfig(workers=2))
+    assert any("alpha_maps/cam_222200037.mp4" in w for w in report.warnings)
+    with Store(tmp_path / "o.h5") as s:
+        rows = s.image_rows(identity="388", sequences=["FREE"])
+        assert {s.cameras.serial[c] for c in s.image_camera[rows]} == {"222200038"}
+        assert s.image_has_mask.all() and verify(s).ok and check_invariants(s) == []
 
 
 def test_error_found_ahead_stops_only_at_its_sequence(synth_copy, tmp_path):

@@ -344,10 +344,10 @@ def test_cli_fit_regressor(store4, tmp_path):
 
     from click.testing import CliRunner
 
-    from cli.common import FriendlyGroup
     from cli.rafmodel_regressor import fit_regressor as command
+    from tests.cli_helpers import command_group
 
-    group = FriendlyGroup(name="rafmodel", commands=[command])
+    group = command_group(command, name="rafmodel")
     runner = CliRunner()
     res = runner.invoke(group, ["fit-regressor", str(store4), "-o", str(tmp_path / "r.pt")])
     assert res.exit_code == 2 and "--exclude" in res.output, res.output

@@ -9,8 +9,6 @@ the chunk no longer decodes). The store turns both into ``CorruptImageError`` na
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,10 +19,11 @@ from rafdata.store import Store, copy_store
 from rafmodel.data import AugmentConfig, CorruptSkips, SubjectDataset, make_loader
 from rafmodel.evaluate import EvalConfig, evaluate
 from rafmodel.train import Runner, TrainConfig
+from tests.cli_helpers import run_cli
 from tests.store_helpers import flip_bytes, image_chunk
+from tests.train_helpers import TINY_TRAIN, metrics_rows, train_tiny
 
-TINY = dict(resolution=24, num_gaussians=200, mlp_width=16, workers=0, log_every=1,
-            preview_every=1000, checkpoint_every=1000, device="cpu", aug="vanilla")
+VANILLA = {**TINY_TRAIN, "aug": "vanilla"}  # the tiny run, no augmentation
 SUBJECT = "388"
 
 
@@ -101,7 +100,7 @@ def test_training_stops_with_the_row_by_default(store, tmp_path, where):
     row = _hull_free_row(store)
     damage(store, row, where)
     runner = Runner(TrainConfig(store=str(store), subject=SUBJECT, iters=20, hull_views=1,
-                                out=str(tmp_path / "run"), **{**TINY, "workers": 1}),
+                                out=str(tmp_path / "run"), **{**VANILLA, "workers": 1}),
                     warn=lambda m: None)
     with pytest.raises(CorruptImageError, match=f"image row {row}") as err:
         runner.train()  # read by a loader worker, raised here as the store's own error
@@ -114,7 +113,7 @@ def test_training_skips_and_counts_with_skip_corrupt(store, tmp_path):
     out = tmp_path / "run"
     n = len(_train_rows(store))
     runner = Runner(TrainConfig(store=str(store), subject=SUBJECT, iters=2 * n, hull_views=1,
-                                out=str(out), skip_corrupt=True, **{**TINY, "workers": 1}),
+                                out=str(out), skip_corrupt=True, **{**VANILLA, "workers": 1}),
                     warn=lambda m: None)
     summary = runner.train()
     # two epochs of batch 1: the damaged sample came up twice and was skipped both times
@@ -122,7 +121,7 @@ def test_training_skips_and_counts_with_skip_corrupt(store, tmp_path):
     assert summary["corrupt_rows"] == [row]
     saved = json.loads((out / "summary.json").read_text())
     assert saved["skipped_corrupt"] == 2 and saved["corrupt_rows"] == [row]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     assert rows[-1]["skipped_corrupt"] == 2
     assert json.loads((out / "config.json").read_text())["train"]["skip_corrupt"] is True
 
@@ -130,7 +129,7 @@ def test_training_skips_and_counts_with_skip_corrupt(store, tmp_path):
 def test_a_run_stopped_on_damage_resumes_with_skip_corrupt(store, tmp_path):
     row = _hull_free_row(store)
     out = tmp_path / "run"
-    common = dict(store=str(store), subject=SUBJECT, hull_views=1, out=str(out), **TINY)
+    common = dict(store=str(store), subject=SUBJECT, hull_views=1, out=str(out), **VANILLA)
     Runner(TrainConfig(iters=2, **common), warn=lambda m: None).train()
     damage(store, row)
     n = len(_train_rows(store))
@@ -143,17 +142,12 @@ def test_a_run_stopped_on_damage_resumes_with_skip_corrupt(store, tmp_path):
     assert summary["steps"] == 2 + n and summary["skipped_corrupt"] >= 1
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli.rafmodel", *args], capture_output=True,
-                          text=True)
-
-
 def test_cli_train_error_is_one_line(store, tmp_path):
     row = int(_train_rows(store)[0])
     damage(store, row, "header")
-    proc = _cli("train", str(store), "--subject", SUBJECT, "--aug", "vanilla", "--iters", "2",
-                "--device", "cpu", "--workers", "0", "--resolution", "24", "--num-gaussians",
-                "100", "--out", str(tmp_path / "run"), "--quiet")
+    proc = run_cli("rafmodel", "train", str(store), "--subject", SUBJECT, "--aug", "vanilla",
+                   "--iters", "2", "--device", "cpu", "--workers", "0", "--resolution", "24",
+                   "--num-gaussians", "100", "--out", str(tmp_path / "run"), "--quiet")
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("warning:")]
     assert len(errors) == 1, proc.stderr  # (the loss may warn about missing VGG weights)
@@ -164,10 +158,7 @@ def test_cli_train_error_is_one_line(store, tmp_path):
 @pytest.fixture
 def trained(bfm_store, tmp_path):
     """A tiny run of SUBJECT, trained on the intact store."""
-    out = tmp_path / "run"
-    Runner(TrainConfig(store=str(bfm_store), subject=SUBJECT, iters=2, out=str(out), **TINY),
-           warn=lambda m: None).train()
-    return out
+    return train_tiny(bfm_store, tmp_path / "run", subject=SUBJECT)
 
 
 def _held_rows(store, subject: str, serial: str | None = None) -> list[int]:

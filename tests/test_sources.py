@@ -366,6 +366,27 @@ def test_gha_round_trip(tmp_path: Path) -> None:
             assert fr.mask.shape == (H, W) and abs(int(fr.mask.mean()) - (200 - 50 * f)) <= 3
 
 
+def test_gha_masks_per_frame(tmp_path: Path) -> None:
+    """GHA writes a mask per frame where it has one: a frame without it reads as None, a
+    camera without any has no mask part, and a mask of another size than its image is an
+    error naming the mask file."""
+    root = make_gha(tmp_path / "gha")
+    idir = root / "388" / "images"
+    (idir / "0001" / f"mask_{SERIALS[0]}.jpg").unlink()
+    for f in ("0000", "0001", "0002"):
+        (idir / f / f"mask_{SERIALS[1]}.jpg").unlink()
+    (seq,) = GhaSource(root).sequences("388")
+    frames = seq.tracking().frames
+    assert seq.image_parts(SERIALS[0]) == ("rgb", "mask")
+    assert seq.image_parts(SERIALS[1]) == ("rgb",)
+    masks = list(seq.read_part(SERIALS[0], "mask", frames))
+    assert [m is None for m in masks] == [False, True, False]
+    assert [fr.mask is None for fr in seq.read_frames(SERIALS[1], frames)] == [True] * 3
+    write_jpg(idir / "0002" / f"mask_{SERIALS[0]}.jpg", np.zeros((H + 2, W), np.uint8))
+    with pytest.raises(SourceError, match=rf"0002/mask_{SERIALS[0]}\.jpg.*mask is {W}x{H + 2}"):
+        list(seq.read_part(SERIALS[0], "mask", frames))
+
+
 def test_gha_errors(tmp_path: Path) -> None:
     root = make_gha(tmp_path / "gha")
     (seq,) = GhaSource(root).sequences("388")

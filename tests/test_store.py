@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
-import subprocess
-import sys
 import textwrap
 
 import h5py
@@ -16,11 +13,15 @@ from rafdata.errors import CorruptImageError, SourceError, StoreError
 from rafdata.inspect import check_invariants, verify
 from rafdata.store import COMPRESSIONS, FORMAT_VERSION, Store
 from rafdata.writer import StoreWriter
-from tests.store_helpers import camera, fake_sequence, flip_bytes, image_chunk, write_store
-
-
-def sha(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from tests.cli_helpers import run_python
+from tests.store_helpers import (
+    camera,
+    fake_sequence,
+    flip_bytes,
+    image_chunk,
+    sha256,
+    write_store,
+)
 
 
 def test_round_trip_tables_and_images(tmp_path):
@@ -95,8 +96,8 @@ def test_crash_mid_sequence_then_resume(tmp_path):
             sw.add_images(np.full((3, 24, 32, 3), 7, np.uint8), None, rows[:3], cam)
             os._exit(9)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert proc.returncode == 9, proc.stderr.decode()
+    proc = run_python(script)
+    assert proc.returncode == 9, proc.stderr
     with Store(path) as s:  # the reader sees only the committed sequence
         assert s.identities == ["388"] and len(s.timesteps) == 5 and s.n_images == 10
         assert check_invariants(s) == []
@@ -116,12 +117,12 @@ def test_newer_version_refused_and_untouched(tmp_path):
     write_store(path, identities=("388",), sequences=("A",))
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = FORMAT_VERSION + 1
-    before = sha(path)
+    before = sha256(path)
     with pytest.raises(StoreError, match="newer rafdata"):
         Store(path)
     with pytest.raises(StoreError, match="newer rafdata"):
         StoreWriter(path)
-    assert sha(path) == before
+    assert sha256(path) == before
 
 
 def test_not_a_store(tmp_path):
@@ -347,3 +348,70 @@ def test_appending_drops_leftover_bank_groups_of_older_versions(tmp_path):
         sw.add_timesteps(*fake_sequence(np.random.default_rng(1)), "test")
     with h5py.File(path, "r") as f:
         assert list(f["banks"]) == ["kept"] and f["banks/kept"].attrs["k"] == 3
+
+
+def test_stream_encoder_stops_compressing_what_does_not_shrink(tmp_path, monkeypatch):
+    """A stream is tried every PROBE_EVERY-th image: after a try that does not shrink (noise,
+    like camera colour) images are stored as raw chunks (HDF5 filter mask: Blosc skipped),
+    after one that does (a flat image, a matte) they are compressed. Both kinds read back
+    exactly, through Store (CRC checked) and through plain HDF5."""
+    from rafdata.store import RAW_CHUNK, ImageCodec, StreamEncoder
+
+    rng = np.random.default_rng(3)
+    every = StreamEncoder.PROBE_EVERY
+    n = every + 4
+    noise = rng.integers(0, 256, (n, 24, 32, 3), dtype=np.uint8)
+    noise[every:] = 90  # the stream turns compressible at the second try
+    matte = np.zeros((n, 24, 32), np.uint8)
+    matte[:, 6:18, 8:24] = 255
+    codec = ImageCodec("blosc-blosclz")
+    colour_stream, matte_stream = codec.stream(), codec.stream()
+    import blosc
+
+    tried, real = [], blosc.compress
+
+    def spy(*args, **kwargs):
+        tried.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blosc, "compress", spy)
+    rgb = [colour_stream.encode(im) for im in noise]
+    assert len(tried) == 1 + 4  # compression tried at 0, then from the try at 16 on
+    monkeypatch.setattr(blosc, "compress", real)
+    masks = [matte_stream.encode(m) for m in matte]
+    assert [e.filter_mask for e in rgb] == [RAW_CHUNK] * every + [0] * 4
+    assert all(len(e.payload) == noise[0].nbytes for e in rgb[:every])  # no header, no copy
+    assert all(len(e.payload) < matte[0].nbytes / 4 for e in masks + rgb[every:])
+    # The same stream encoded again gives the same bytes (a resumed run writes what a clean one
+    # would).
+    again = codec.stream()
+    assert [bytes(again.encode(im).payload) for im in noise] == [bytes(e.payload) for e in rgb]
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, compression="blosc-blosclz") as w:
+        with w.sequence("388", "A", False, "mem") as sw:
+            rows = sw.add_timesteps(*fake_sequence(rng, t=n), "test")
+            sw.add_images(rgb, masks, rows, sw.camera("222200030", *camera(0)))
+    with Store(path) as s:
+        for i in (0, 1, every, n - 1):
+            np.testing.assert_array_equal(s.read_rgb(i), noise[i])
+            assert s.read_rgb(i).flags.writeable and s.read_rgb(i).flags.c_contiguous
+            np.testing.assert_array_equal(s.read_mask(i), matte[i])
+        assert verify(s).ok
+    import hdf5plugin  # noqa: F401
+
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["images/rgb"][:], noise)
+
+
+def test_crc32_is_zlibs_checksum():
+    """The fast CRC-32 (ISA-L) is the checksum the format records: zlib's."""
+    import zlib
+
+    from rafdata.checksum import crc32
+
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 15, 4096, 786_433):
+        data = rng.integers(0, 256, size, dtype=np.uint8)
+        assert crc32(data) == zlib.crc32(data)
+    assert crc32(b"abc", crc32(b"xyz")) == zlib.crc32(b"abc", zlib.crc32(b"xyz"))
+    assert crc32.__module__.startswith("isal")  # a declared dependency: the fast one is used

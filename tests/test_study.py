@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from cli.rafdata import main
 from rafdata.study.analyze import analyze, binom_two_sided, wilson
 from rafdata.study.keyfile import KEY_COLUMNS, StudyError
 from tests.browser import chromium, needs_browser
+from tests.cli_helpers import run_python
 
 # (item, comparison, left method, right method): hand-made batch "b1".
 ITEMS = [
@@ -140,18 +139,18 @@ def test_rafdata_help_does_not_import_numpy():
     code = ("import sys; from click.testing import CliRunner; from cli.rafdata import main; "
             "CliRunner().invoke(main, ['study', '--help']); "
             "assert 'numpy' not in sys.modules and 'h5py' not in sys.modules, 'heavy import'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.fixture(scope="module")
-def banked_store(bfm_store, tmp_path_factory) -> Path:
-    """The BFM store with a full bank and a small one (2 frames per identity)."""
+def study_store(banked_store, tmp_path_factory) -> Path:
+    """The session's banked store (bank "full") plus a small bank (2 frames per identity)."""
     from rafdata.bank import build_bank
     from rafdata.config import BankConfig
     from rafdata.store import copy_store
 
-    path = copy_store(bfm_store, tmp_path_factory.mktemp("study") / "store.h5")
-    build_bank(path, BankConfig(frames_per_id=200, k=4, threads=1))
+    path = copy_store(banked_store, tmp_path_factory.mktemp("study") / "store.h5")
     build_bank(path, BankConfig(name="small", frames_per_id=2, k=2, threads=1))
     return path
 
@@ -196,25 +195,51 @@ def _check_made_study(store: Path, folder: Path, n_queries: int, catch: int):
     assert all(h["query_url"].startswith("https://x/images/") for h in hits)
 
 
-def test_make_from_stored_images(banked_store, tmp_path):
+def test_make_from_stored_images(study_store, tmp_path):
     out = tmp_path / "study"
-    r = CliRunner().invoke(main, ["study", "make", str(banked_store), "--queries", "6",
+    r = CliRunner().invoke(main, ["study", "make", str(study_store), "--queries", "6",
                                   "--out", str(out), "--small-bank", "small", "--catch", "2",
                                   "--seed", "1", "--size", "64", "--url-prefix", "https://x/"])
     assert r.exit_code == 0, r.output
-    _check_made_study(banked_store, out, 6, 2)
+    _check_made_study(study_store, out, 6, 2)
     # a second make into the same folder is refused in one line, the study left alone
     before = (out / "key.csv").read_bytes()
-    r = CliRunner().invoke(main, ["study", "make", str(banked_store), "--out", str(out)])
-    assert r.exit_code == 2 and "not empty" in r.output and len(r.output.splitlines()) == 1
+    r = CliRunner().invoke(main, ["study", "make", str(study_store), "--out", str(out)])
+    assert r.exit_code == 2 and "not empty" in r.output and len(r.output.strip().splitlines()) == 1
     assert (out / "key.csv").read_bytes() == before
 
 
-def test_make_unknown_bank_writes_nothing(banked_store, tmp_path):
+def test_make_unknown_bank_writes_nothing(study_store, tmp_path):
     out = tmp_path / "study"
-    r = CliRunner().invoke(main, ["study", "make", str(banked_store), "--queries", "2",
+    r = CliRunner().invoke(main, ["study", "make", str(study_store), "--queries", "2",
                                   "--out", str(out), "--small-bank", "nope"])
-    assert r.exit_code == 2 and "nope" in r.output and len(r.output.splitlines()) == 1
+    assert r.exit_code == 2 and "nope" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_make_reports_progress_per_face(study_store, tmp_path):
+    """`study make` shows a bar: one "faces" stage, one step per face image written."""
+    from rafdata.config import StudyConfig
+    from rafdata.study.make import make_study
+    from tests.cli_helpers import ProgressRecorder
+
+    rec = ProgressRecorder(strict=True)
+    out = tmp_path / "study"
+    make_study(study_store, out, StudyConfig(queries=4, catch=1, seed=2, size=16), rec)
+    faces = len(list((out / "images").iterdir()))
+    assert rec.stages == [("faces", faces)] and rec.steps == faces > 4
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--size", "0"], "--size must be at least 1, got 0"),
+    (["--queries", "0"], "--queries must be at least 1, got 0"),
+    (["--catch", "-1"], "--catch must be at least 0, got -1"),
+])
+def test_make_bad_settings_one_line_nothing_written(study_store, tmp_path, args, problem):
+    out = tmp_path / "study"
+    r = CliRunner().invoke(main, ["study", "make", str(study_store), "--out", str(out),
+                                  "--quiet", *args])
+    assert r.exit_code == 2 and problem in r.output and len(r.output.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -237,7 +262,7 @@ def test_make_decodes_candidates_from_source(synth_bfm, tmp_path):
             "--small-bank", "small", "--size", "64", "--url-prefix", "https://x/"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and "source tree not found" in r.output and "--source" in r.output
-    assert len(r.output.splitlines()) == 1 and not out.exists()
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
     r = CliRunner().invoke(main, [*args, "--source", str(synth_bfm)])
     assert r.exit_code == 0, r.output
     _check_made_study(store, out, 3, 0)
@@ -250,15 +275,17 @@ def test_make_decodes_candidates_from_source(synth_bfm, tmp_path):
 
 
 @pytest.fixture
-def served_study(banked_store, tmp_path):
+def served_study(study_store, tmp_path):
     """A made study served by `study serve`'s server on a free localhost port."""
     import threading
 
+    from rafdata.config import StudyConfig
     from rafdata.study.make import make_study
     from rafdata.study.serve import make_server
 
     folder = tmp_path / "study"
-    make_study(banked_store, folder, queries=2, small_bank="small", catch=1, seed=4, size=64)
+    make_study(study_store, folder, StudyConfig(queries=2, small_bank="small", catch=1, seed=4,
+                                                 size=64))
     server = make_server(folder, 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -342,13 +369,15 @@ def test_browser_answers_a_page_through_serve(served_study):
     assert rows == [{"worker": "lab-7", "item": item, "pose": "right", "expression": "tie"}]
 
 
-def test_made_study_round_trips_through_analyze(banked_store, tmp_path):
+def test_made_study_round_trips_through_analyze(study_store, tmp_path):
     """Answers written from the key of a made study: the randomised sides are undone."""
+    from rafdata.config import StudyConfig
     from rafdata.study.keyfile import read_key
     from rafdata.study.make import make_study
 
     folder = tmp_path / "study"
-    make_study(banked_store, folder, queries=5, small_bank="small", catch=2, seed=9, size=32)
+    make_study(study_store, folder, StudyConfig(queries=5, small_bank="small", catch=2, seed=9,
+                                                 size=32))
     key = read_key(folder)
     rows = []
     for r in key.values():

@@ -7,31 +7,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from rafdata.bank import BankConfig, build_bank
-from rafdata.store import copy_store
 from rafmodel.sweep import SweepConfig, read_cell, run_sweep
+from tests.cli_helpers import cli_process, run_cli, run_python
+from tests.train_helpers import TINY_TRAIN
 
-ROOT = Path(__file__).resolve().parents[1]
 # 3 steps (a checkpoint after each, so a kill lands between two), 1 frame per evaluation
-TRAIN = dict(iters=3, resolution=24, num_gaussians=200, mlp_width=16, workers=0, device="cpu",
-             checkpoint_every=1, preview_every=1000, log_every=1, tensorboard=False,
-             hull_views=4)
+TRAIN = {**TINY_TRAIN, "iters": 3, "checkpoint_every": 1, "hull_views": 4}
 EVAL = dict(frames=1, videos=False, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def store(bfm_store, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("sweep") / "store.h5"
-    copy_store(bfm_store, path)
-    build_bank(path, BankConfig(frames_per_id=200, k=4, threads=1))
-    return path
+def store(banked_store) -> Path:
+    return banked_store  # sweeps only read it
 
 
 def _cfg(store, out, **kw) -> SweepConfig:
@@ -90,7 +82,7 @@ def test_other_settings_refused(full_grid, store):
 def test_killed_sweep_resumes_to_the_same_numbers(full_grid, store, ray_cluster, tmp_path):
     out_ref, _ = full_grid
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "cli.rafmodel", "sweep", str(store), "--subjects", "388",
+    cmd = ["sweep", str(store), "--subjects", "388",
            "--methods", "vanilla,raf", "--seeds", "0,1", "--out", str(out), "--address",
            ray_cluster, "--quiet", "--eval-frames", "1", "--no-videos"]
     for k, v in TRAIN.items():
@@ -98,8 +90,7 @@ def test_killed_sweep_resumes_to_the_same_numbers(full_grid, store, ray_cluster,
             cmd.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
         else:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = cli_process("rafmodel", *cmd, start_new_session=True)
     # kill the driver once a cell has a checkpoint but before everything is done
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
@@ -111,7 +102,7 @@ def test_killed_sweep_resumes_to_the_same_numbers(full_grid, store, ray_cluster,
     proc.wait()
     assert sum(read_cell(p) is not None for p in out.glob("388/*/seed*")) < 4
 
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_cli("rafmodel", *cmd, timeout=120)
     assert proc.returncode == 0, proc.stderr
     status = json.loads((out / "sweep" / "status.json").read_text())
     assert status["counts"]["done"] == 4
@@ -175,8 +166,48 @@ def test_cli_refuses_bad_grids_in_one_line(store, tmp_path):
     assert not (tmp_path / "s").exists()  # nothing written for a refused grid
 
 
+def test_grid_config_merges_the_grid_file_and_the_options(tmp_path):
+    from rafdata.errors import RafDataError
+    from rafmodel.sweep import grid_config, load_grid
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('subjects = ["388", "422"]\nmethods = ["vanilla", "p25"]\nseeds = [0, 1]\n'
+                    '[train]\niters = 3\nresolution = 24\ncameras = "222200037,222200038"\n'
+                    '[train.loss]\nl1 = 2.0\n[eval]\nframes = 2\ndrivers = "422"\n'
+                    '[methods_def.p25]\naug = "raf"\np = 0.25\n')
+    doc = load_grid(grid)
+    cfg = grid_config("s.h5", "out", doc, seeds="2, 3",
+                      train={"iters": 5, "device": None, "loss": {"vgg_weights": tmp_path,
+                                                                  "lpips_weights": None}},
+                      evaluation={"cameras": "222200038", "frames": None}, retries=None,
+                      cpus_per_run=2)
+    assert (cfg.store, cfg.out, cfg.subjects, cfg.methods) == ("s.h5", "out", ("388", "422"),
+                                                               ("vanilla", "p25"))
+    assert cfg.seeds == (2, 3)  # options replace the file's lists
+    # options override the file key by key; None is "not given"; lists split anywhere
+    assert cfg.train == {"iters": 5, "resolution": 24, "cameras": ("222200037", "222200038"),
+                         "loss": {"l1": 2.0, "vgg_weights": str(tmp_path)}}
+    assert cfg.evaluation == {"frames": 2, "drivers": ("422",), "cameras": ("222200038",)}
+    assert cfg.method_defs == {"p25": {"aug": "raf", "p": 0.25}}
+    assert (cfg.cpus_per_run, cfg.retries, cfg.address) == (2, 1, None)  # unset: defaults
+    # no file: the SweepConfig defaults, an untouched loss
+    bare = grid_config("s.h5", "out", subjects="388 443", train={"loss": {"vgg_weights": None}})
+    assert bare.subjects == ("388", "443") and bare.methods == SweepConfig.methods
+    assert bare.train == {} and bare.evaluation == {}
+    with pytest.raises(RafDataError, match="give --subjects"):
+        grid_config("s.h5", "out", {"methods": ("raf",)})
+    with pytest.raises(RafDataError, match="seeds must be integers, not 0,x"):
+        grid_config("s.h5", "out", subjects="388", seeds="0,x")
+
+
+def test_cli_sweep_bad_seeds_are_one_line(tmp_path):
+    proc = _cli("sweep", str(tmp_path / "s.h5"), "--subjects", "388", "--seeds", "0,x")
+    assert proc.returncode == 2 and "seeds must be integers" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_train_and_eval_import_no_ray(store, tmp_path):
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+    code = ("import sys; "
             "from rafmodel.train import Runner, TrainConfig; "
             "from rafmodel.evaluate import EvalConfig, evaluate; "
             f"out = {str(tmp_path / 'run')!r}; "
@@ -185,7 +216,7 @@ def test_train_and_eval_import_no_ray(store, tmp_path):
             "device='cpu', tensorboard=False), warn=lambda m: None).train(); "
             f"evaluate([out], {str(store)!r}, EvalConfig(frames=1, videos=False, "
             "device='cpu')); print('ray' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = run_python(code)
     assert proc.stdout.strip().splitlines()[-1] == "False", proc.stderr
 
 
@@ -271,3 +302,23 @@ def test_stats_from_metrics_files_equal_stats_from_cells(full_grid):
     run = out / "388" / "raf" / "seed0"
     with pytest.raises(RafDataError, match="second result"):  # one cell given twice
         load_records([run / "cell.json", run / "eval" / "metrics.json"])
+
+
+def test_cells_evaluate_with_what_they_train_with(tmp_path):
+    """A cell's evaluation takes the device, renderer and LPIPS weight files it trains with,
+    unless the grid's eval settings say otherwise: a --device cpu sweep on a GPU machine must
+    not evaluate on CUDA."""
+    from rafmodel.sweep import grid_config
+
+    vgg = tmp_path / "vgg.pth"
+    cfg = grid_config("s.h5", "out", subjects="388", methods="vanilla", seeds="0",
+                      train={"device": "cpu", "backend": "torch",
+                             "loss": {"vgg_weights": vgg, "lpips_weights": None}})
+    (cell,) = cfg.cells()
+    ecfg = cell.eval_config(tmp_path / "eval")
+    assert (ecfg.device, ecfg.backend, ecfg.vgg_weights, ecfg.lpips_weights, ecfg.out) == (
+        "cpu", "torch", str(vgg), None, str(tmp_path / "eval"))
+    cfg = grid_config("s.h5", "out", subjects="388", methods="vanilla", seeds="0",
+                      train={"device": "cpu"}, evaluation={"device": "auto", "frames": 2})
+    ecfg = cfg.cells()[0].eval_config("e")
+    assert (ecfg.device, ecfg.frames) == ("auto", 2)  # the grid's own eval settings win

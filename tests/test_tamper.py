@@ -63,20 +63,15 @@ def _edit(path: Path, fn) -> None:
 
 
 @pytest.fixture(scope="module")
-def clean(bfm_store, tmp_path_factory):
-    """A banked store and a one-step training run on it (for eval)."""
-    from rafdata.bank import BankConfig, build_bank
-
-    root = tmp_path_factory.mktemp("tamper")
-    path = copy_store(bfm_store, root / "clean.h5")
-    build_bank(path, BankConfig(frames_per_id=200, k=4, threads=1))
-    run = root / "run"
-    res = CliRunner().invoke(rafmodel, ["train", str(path), "--subject", "388", "--iters", "1",
-                                        "--resolution", "24", "--num-gaussians", "200",
-                                        "--workers", "0", "--device", "cpu", "--quiet",
+def clean(banked_store, tmp_path_factory):
+    """The session's banked store and a one-step training run on it (for eval)."""
+    run = tmp_path_factory.mktemp("tamper") / "run"
+    res = CliRunner().invoke(rafmodel, ["train", str(banked_store), "--subject", "388",
+                                        "--iters", "1", "--resolution", "24", "--num-gaussians",
+                                        "200", "--workers", "0", "--device", "cpu", "--quiet",
                                         "--out", str(run)])
     assert res.exit_code == 0, res.output
-    return path, run
+    return banked_store, run
 
 
 COMMANDS = {

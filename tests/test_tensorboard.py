@@ -3,7 +3,6 @@ EventAccumulator with the same numbers, no repeated steps after a resume, nothin
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -11,25 +10,21 @@ import pytest
 
 from rafmodel.tensorboard import TensorBoardLog, read_scalars, scalar_tag
 from rafmodel.train import Runner, TrainConfig
+from tests.train_helpers import TINY_TRAIN, metrics_rows
 
 pytest.importorskip("tensorboard")
 
-TINY = dict(subject="388", aug="vanilla", resolution=24, num_gaussians=200, mlp_width=32,
-            workers=0, device="cpu", log_every=1, checkpoint_every=1000)
-
-
-def _rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+RUN = {**TINY_TRAIN, "subject": "388", "aug": "vanilla", "tensorboard": True}
 
 
 def test_scalars_and_previews_match_metrics_jsonl(bfm_store, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    Runner(TrainConfig(store=str(bfm_store), out=str(out), iters=3, preview_every=2, **TINY),
-           warn=lambda m: None).train()
+    Runner(TrainConfig(store=str(bfm_store), out=str(out), iters=3,
+                       **{**RUN, "preview_every": 2}), warn=lambda m: None).train()
     scalars = read_scalars(out / "tensorboard")
-    rows = _rows(out)
+    rows = metrics_rows(out)
     for tag in ("loss/total", "loss/l1", "metrics/psnr", "aug/swap_rate", "model/gaussians",
                 "time/step_s", "time/data_s"):
         assert tag in scalars, sorted(scalars)
@@ -46,7 +41,7 @@ def test_scalars_and_previews_match_metrics_jsonl(bfm_store, tmp_path):
 
 def test_resume_shows_each_step_once(bfm_store, tmp_path):
     out = tmp_path / "run"
-    common = dict(store=str(bfm_store), out=str(out), preview_every=1000, **TINY)
+    common = dict(store=str(bfm_store), out=str(out), **{**RUN, "preview_every": 1000})
 
     def crash_after_three(step, numbers):
         if step == 3:
@@ -58,13 +53,14 @@ def test_resume_shows_each_step_once(bfm_store, tmp_path):
         first.train(crash_after_three)
     Runner(TrainConfig(iters=4, **common), warn=lambda m: None, resume=True).train()
     steps = [s for s, _ in read_scalars(out / "tensorboard")["loss/total"]]
-    assert steps == [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+    assert steps == [r["step"] for r in metrics_rows(out)] == [1, 2, 3, 4]
 
 
 def test_off_writes_nothing(bfm_store, tmp_path):
     out = tmp_path / "run"
-    Runner(TrainConfig(store=str(bfm_store), out=str(out), iters=1, tensorboard=False,
-                       preview_every=1, **TINY), warn=lambda m: None).train()
+    Runner(TrainConfig(store=str(bfm_store), out=str(out), iters=1,
+                       **{**RUN, "tensorboard": False, "preview_every": 1}),
+           warn=lambda m: None).train()
     assert not (out / "tensorboard").exists()
     assert (out / "metrics.jsonl").is_file()
 

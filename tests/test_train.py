@@ -3,41 +3,24 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import h5py
 import pytest
 import torch
 
-from rafdata.bank import BankConfig, build_bank
 from rafdata.store import copy_store
 from rafmodel.strategy import DensifyConfig
 from rafmodel.train import Runner, TrainConfig, load_avatar, load_checkpoint
-
-TINY = dict(resolution=32, num_gaussians=400, mlp_width=32, workers=0, log_every=1,
-            preview_every=1000, checkpoint_every=1000, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def banked_store(bfm_store, tmp_path_factory):
-    """The session's tiny synth store with a bank (all training frames are members)."""
-    path = tmp_path_factory.mktemp("train") / "store.h5"
-    copy_store(bfm_store, path)
-    build_bank(path, BankConfig(frames_per_id=200, k=4, threads=1))
-    return path
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from tests.cli_helpers import run_cli
+from tests.train_helpers import TINY_TRAIN, metrics_rows
 
 
 def test_loss_falls_on_a_synth_subject(bfm_store, tmp_path):
     cfg = TrainConfig(store=str(bfm_store), subject="422", aug="vanilla", iters=40,
-                      out=str(tmp_path / "run"), **TINY)
+                      out=str(tmp_path / "run"), **TINY_TRAIN)
     runner = Runner(cfg, warn=lambda m: None)
     summary = runner.train()
-    rows = _metrics(tmp_path / "run")
+    rows = metrics_rows(tmp_path / "run")
     assert summary["steps"] == 40 and len(rows) == 40
     first = sum(r["total"] for r in rows[:8]) / 8
     last = sum(r["total"] for r in rows[-8:]) / 8
@@ -51,10 +34,11 @@ def test_loss_falls_on_a_synth_subject(bfm_store, tmp_path):
 
 def test_raf_swap_rate_is_logged(banked_store, tmp_path):
     cfg = TrainConfig(store=str(banked_store), subject="388", aug="raf", p=0.5, iters=30,
-                      out=str(tmp_path / "raf"), **TINY)
+                      out=str(tmp_path / "raf"), **TINY_TRAIN)
     summary = Runner(cfg, warn=lambda m: None).train()
     assert 0.2 < summary["swap_rate"] < 0.8  # 30 Bernoulli(0.5) draws
-    assert abs(_metrics(tmp_path / "raf")[-1]["swap_rate_total"] - summary["swap_rate"]) < 1e-9
+    last = metrics_rows(tmp_path / "raf")[-1]
+    assert abs(last["swap_rate_total"] - summary["swap_rate"]) < 1e-9
 
 
 @pytest.mark.parametrize("strategy", ["simple", "gsplat"])
@@ -66,7 +50,7 @@ def test_resume_equals_uninterrupted(banked_store, tmp_path, strategy):
                             grow_grad2d=0.0 if strategy == "simple" else 2e-4,
                             max_gaussians=600 if strategy == "simple" else None)
     common = dict(store=str(banked_store), subject="443", aug="raf", seed=3, densify=densify,
-                  strategy=strategy, **TINY)
+                  strategy=strategy, **TINY_TRAIN)
     straight = Runner(TrainConfig(iters=10, out=str(tmp_path / "a"), **common),
                       warn=lambda m: None)
     straight.train()
@@ -87,15 +71,15 @@ def test_resume_equals_uninterrupted(banked_store, tmp_path, strategy):
     resumed.train()
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
-    assert straight.model.num_gaussians != 400  # densification really ran
+    assert straight.model.num_gaussians != TINY_TRAIN["num_gaussians"]  # densification ran
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert _metrics(tmp_path / "a")[-1]["total"] == _metrics(tmp_path / "b")[-1]["total"]
+    assert metrics_rows(tmp_path / "a")[-1]["total"] == metrics_rows(tmp_path / "b")[-1]["total"]
 
 
 def test_checkpoint_loads_weights_only(banked_store, tmp_path):
     runner = Runner(TrainConfig(store=str(banked_store), subject="388", aug="noise", iters=3,
-                                out=str(tmp_path / "c"), **TINY), warn=lambda m: None)
+                                out=str(tmp_path / "c"), **TINY_TRAIN), warn=lambda m: None)
     runner.train()
     path = tmp_path / "c" / "checkpoints" / "last.pt"
     state = torch.load(path, weights_only=True)  # no pickled code inside
@@ -108,8 +92,7 @@ def test_checkpoint_loads_weights_only(banked_store, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli.rafmodel", "train", *args],
-                          capture_output=True, text=True)
+    return run_cli("rafmodel", "train", *args)
 
 
 def test_refusals_are_one_line(bfm_store, banked_store, tmp_path):
@@ -151,7 +134,8 @@ def test_store_without_masks_starts_from_an_ellipsoid(tmp_path):
     ingest(src, tmp_path / "s.h5", IngestConfig(workers=1))
     warnings: list[str] = []
     runner = Runner(TrainConfig(store=str(tmp_path / "s.h5"), subject="388", aug="vanilla",
-                                iters=2, out=str(tmp_path / "run"), **TINY), warn=warnings.append)
+                                iters=2, out=str(tmp_path / "run"), **TINY_TRAIN),
+                    warn=warnings.append)
     assert any("no masks" in w and "ellipsoid" in w for w in warnings)
     assert runner.train()["steps"] == 2
 
@@ -169,20 +153,20 @@ def test_bad_settings_refused_before_anything_is_written(banked_store, tmp_path,
 
     out = tmp_path / "run"
     cfg = TrainConfig(store=str(banked_store), subject="388", out=str(out),
-                      **{**TINY, **overrides})
+                      **{**TINY_TRAIN, **overrides})
     with pytest.raises(RafDataError, match=pattern):
         Runner(cfg, warn=lambda m: None)
     assert not out.exists()
 
 
 def _steps(out):
-    return [r["step"] for r in _metrics(out)]
+    return [r["step"] for r in metrics_rows(out)]
 
 
 def test_resume_truncates_metrics_and_ignores_leftover_temp_files(bfm_store, tmp_path):
     out = tmp_path / "run"
     common = dict(store=str(bfm_store), subject="422", aug="vanilla", out=str(out),
-                  **{**TINY, "checkpoint_every": 3})
+                  **{**TINY_TRAIN, "checkpoint_every": 3})
 
     def crash_after_five(step, numbers):
         if step == 5:
@@ -211,7 +195,7 @@ def test_checkpoints_are_replaced_atomically(bfm_store, tmp_path, monkeypatch):
 
     out = tmp_path / "run"
     runner = Runner(TrainConfig(store=str(bfm_store), subject="422", aug="vanilla", iters=4,
-                                out=str(out), **{**TINY, "checkpoint_every": 2}),
+                                out=str(out), **{**TINY_TRAIN, "checkpoint_every": 2}),
                     warn=lambda m: None)
     real_save = torch.save
 

@@ -11,7 +11,7 @@ from rafdata import video
 from rafdata.errors import FrameCountError, SourceError
 from tests.helpers_media import call_with_timeout, coded_frames, frame_colour, truncate, write_mp4
 
-N, H, W = 12, 32, 48  # W=48 is a width decord 0.6 cannot decode: exercises the fallback
+N, H, W = 12, 32, 48  # W=48 is a width decord 0.6 cannot decode
 BACKENDS = ["pyav"] + (["decord", "auto"] if video.decord_available() else ["auto"])
 
 
@@ -63,8 +63,8 @@ def test_decord_equals_pyav(clip64: Path) -> None:
         np.testing.assert_array_equal(x, y)
 
 
-def test_auto_falls_back_where_decord_fails(clip: Path) -> None:
-    """Width 48 makes decord 0.6 fail; auto must still return the right frames."""
+def test_auto_decodes_where_decord_fails(clip: Path) -> None:
+    """Width 48 makes decord 0.6 fail (an error naming the file); auto (PyAV) decodes it."""
     idx = [0, 5, 11]
     _assert_frames(list(video.read_frames(clip, np.array(idx), backend="auto")), idx, H, W)
     if video.decord_available():
@@ -127,3 +127,66 @@ def test_zero_byte_missing_and_garbage(tmp_path: Path) -> None:
             video.probe(tmp_path / name)
         with pytest.raises(SourceError, match=name):
             list(video.read_frames(tmp_path / name, np.array([0])))
+
+
+def _both_probes(path: Path) -> tuple[tuple, tuple]:
+    """What the MP4 sample table says, and what demuxing with FFmpeg says, in one shape."""
+    from rafdata.mp4 import read_video_track
+
+    track = read_video_track(path)
+    assert track is not None, f"{path.name}: the sample table reader did not apply"
+    lean = (track.width, track.height, track.sample_count, track.complete, track.partial)
+    return lean, video._demux_count(path)
+
+
+def test_mp4_sample_table_agrees_with_demuxing(tmp_path: Path) -> None:
+    """The table reader counts what FFmpeg's demuxer counts, on whole files and on files cut
+    anywhere (inside a frame, at the end, into the header), with B-frames (ultrafast x264
+    writes none; the default preset does) and without."""
+    frames = np.random.default_rng(0).integers(0, 256, (30, 32, 64, 3), dtype=np.uint8)
+    plain = write_mp4(tmp_path / "plain.mp4", frames)
+    lean, demux = _both_probes(plain)
+    assert lean == demux == (64, 32, 30, 30, False)
+    import av
+
+    bframes = tmp_path / "bframes.mp4"  # x264 defaults: B-frames and an edit list
+    with av.open(str(bframes), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        for img in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+    assert _both_probes(bframes)[0] == _both_probes(bframes)[1]
+    data = plain.read_bytes()
+    for cut in np.linspace(0.35, 0.999, 23):
+        part = tmp_path / f"cut{cut:.3f}.mp4"
+        part.write_bytes(data[: int(len(data) * cut)])
+        lean, demux = _both_probes(part)
+        assert lean == demux, f"cut at {cut:.3f}"
+        assert lean[3] < 30  # a cut file holds fewer complete frames than it claims
+    # Cut into the index itself: no table to read, and FFmpeg cannot open it either.
+    (tmp_path / "head.mp4").write_bytes(data[:200])
+    with pytest.raises(SourceError, match="head.mp4"):
+        video.probe(tmp_path / "head.mp4")
+
+
+def test_probe_falls_back_to_demuxing(tmp_path: Path) -> None:
+    """Files the table reader leaves alone (Matroska; MP4 with the index at the end, cut
+    short) are probed by demuxing, as before."""
+    import av
+
+    from rafdata.mp4 import read_video_track
+
+    mkv = tmp_path / "clip.mkv"
+    with av.open(str(mkv), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        for img in coded_frames(7, 32, 64):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+    assert read_video_track(mkv) is None
+    info = video.probe(mkv)
+    assert (info.width, info.height, info.n_frames) == (64, 32, 7)
+    tail = truncate(write_mp4(tmp_path / "tail.mp4", coded_frames(10, H, 64), faststart=False),
+                    0.6)
+    assert read_video_track(tail) is None

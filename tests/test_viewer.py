@@ -6,43 +6,32 @@ Only localhost traffic: the page and its websocket come from the viser server un
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from rafdata.bank import BankConfig, build_bank
-from rafdata.store import copy_store
+from rafmodel.config import ViewerConfig
 from rafmodel.evaluate.runs import load_run, render_avatar
 from rafmodel.targets import render_K
 from rafmodel.train import Runner, TrainConfig
 from tests.browser import chromium, needs_browser
+from tests.cli_helpers import cli_process
+from tests.train_helpers import TINY_TRAIN, train_tiny
 
 pytest.importorskip("viser")
 
-TINY = dict(resolution=24, num_gaussians=200, mlp_width=32, workers=0, device="cpu",
-            tensorboard=False)
-
 
 @pytest.fixture(scope="module")
-def run_and_store(bfm_store, tmp_path_factory):
-    """A banked copy of the tiny store and a 2-step RAF run of 388 on it."""
-    root = tmp_path_factory.mktemp("viewer")
-    store = root / "store.h5"
-    copy_store(bfm_store, store)
-    build_bank(store, BankConfig(frames_per_id=200, k=4, threads=1))
-    cfg = TrainConfig(store=str(store), subject="388", aug="raf", iters=2,
-                      out=str(root / "run"), **TINY)
-    Runner(cfg, warn=lambda m: None).train()
-    return root / "run", store
+def run_and_store(banked_store, tmp_path_factory):
+    """The session's banked store and a 2-step RAF run of 388 on it."""
+    run = train_tiny(banked_store, tmp_path_factory.mktemp("viewer") / "run", aug="raf")
+    return run, banked_store
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +39,7 @@ def viewer(run_and_store):
     from rafmodel.viewer import Viewer
 
     run, store = run_and_store
-    v = Viewer.from_runs([run, run], store, port=0, device="cpu", render_size=48)
+    v = Viewer.from_runs([run, run], store, ViewerConfig(port=0, device="cpu", render_size=48))
     yield v
     v.stop()
 
@@ -124,12 +113,28 @@ def test_controls_neighbour_pcs_and_cross_driving(viewer):
     viewer.driver, viewer.frame = next(iter(viewer.drivers)), 0
 
 
+def test_cross_driving_pose_is_not_recomputed_per_render(viewer, monkeypatch):
+    """The subject's pose summary is made once, when the viewer starts, not per frame."""
+    import rafmodel.export as export
+
+    def fail(*_):
+        raise AssertionError("subject_pose called per render")
+
+    monkeypatch.setattr(export, "subject_pose", fail)
+    for label in (d for d in viewer.drivers if d.startswith("422 ")):
+        viewer.driver = label
+        for frame in range(len(viewer.drivers[label])):
+            viewer.frame = frame
+            viewer.coeffs(viewer.sources[0])
+    viewer.driver, viewer.frame = next(iter(viewer.drivers)), 0
+
+
 @needs_browser
 def test_headless_browser_connects_and_receives_the_scene(run_and_store):
     from rafmodel.viewer import Viewer
 
     run, store = run_and_store
-    v = Viewer.from_runs([run], store, port=0, device="cpu", render_size=48)
+    v = Viewer.from_runs([run], store, ViewerConfig(port=0, device="cpu", render_size=48))
     port = v.port
     driver = None
     try:
@@ -165,11 +170,8 @@ def test_headless_browser_connects_and_receives_the_scene(run_and_store):
 
 def test_view_command_serves_the_page_and_stops_on_ctrl_c(run_and_store):
     run, store = run_and_store
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.rafmodel", "view", str(run), str(store),
-                             "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=Path(__file__).resolve().parent.parent)
+    proc = cli_process("rafmodel", "view", str(run), str(store), "--port", "0", "--device",
+                       "cpu", env={"PYTHONUNBUFFERED": "1"}, stderr=subprocess.STDOUT)
     try:
         port, lines = None, []
         deadline = time.time() + 60
@@ -213,7 +215,7 @@ def test_train_with_viewer_serves_and_stops(run_and_store, tmp_path):
     said = []
     runner = Runner(TrainConfig(store=str(store), subject="388", aug="vanilla", iters=2,
                                 out=str(tmp_path / "live"), viewer=True, viewer_port=0,
-                                **TINY), warn=said.append)
+                                **TINY_TRAIN), warn=said.append)
     runner.train()
     url = next(m for m in said if m.startswith("viewer: http://127.0.0.1:"))
     assert runner._viewer is None  # stopped with the loop

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from rafdata.config import LAYOUTS
 from rafdata.errors import SourceError
 from rafdata.sources.base import (
     CameraCalib,
@@ -35,7 +36,6 @@ __all__ = [
     "open_source",
 ]
 
-LAYOUTS = ("auto", "nersemble", "gha")
 
 
 def _any(it) -> bool:

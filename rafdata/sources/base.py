@@ -7,13 +7,14 @@ only ever talks to this interface, so a new layout is one new module in ``rafdat
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from rafdata.store import is_number  # noqa: F401 - the adapters take it from here
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,11 @@ class Frame:
     mask: np.ndarray | None = None
 
 
+IMAGE_PARTS = ("rgb", "mask")
+
+
 class SequenceSource(Protocol):
-    """One captured sequence of one participant."""
+    """One captured sequence of one participant (adapters subclass it for ``read_frames``)."""
 
     participant: str  # e.g. "388": the folder name, kept as the source writes it
     name: str  # e.g. "EXP-1-head"; "all" where the layout has no sequences
@@ -85,9 +89,28 @@ class SequenceSource(Protocol):
         """(width, height) in pixels of this camera's source frames, without decoding."""
         ...
 
-    def read_frames(self, serial: str, frames: np.ndarray) -> Iterator[Frame]:
-        """Decode the given video frame indices of one camera, in order, one at a time."""
+    def image_parts(self, serial: str) -> tuple[str, ...]:
+        """The parts of this camera's images: ``("rgb", "mask")`` where it has mattes (every
+        frame or some), ``("rgb",)`` where it has none. Each part reads on its own
+        (:meth:`read_part`), so ingest decodes them on separate threads."""
         ...
+
+    def read_part(self, serial: str, part: str, frames: np.ndarray) -> Iterator[np.ndarray | None]:
+        """Decode one part of the given frames of one camera, in order, one at a time.
+
+        part "rgb": (H, W, 3) uint8 images; "mask": (H, W) uint8 mattes, or None for a frame
+        without one. Raises SourceError naming the file that cannot be read.
+        """
+        ...
+
+    def read_frames(self, serial: str, frames: np.ndarray) -> Iterator[Frame]:
+        """Decode the given frames of one camera, colour and matte together, in order."""
+        parts = self.image_parts(serial)
+        rgbs = self.read_part(serial, "rgb", frames)
+        if "mask" not in parts:
+            return (Frame(rgb=rgb) for rgb in rgbs)
+        masks = self.read_part(serial, "mask", frames)
+        return (Frame(rgb=rgb, mask=m) for rgb, m in zip(rgbs, masks, strict=True))
 
 
 class Source(Protocol):
@@ -116,17 +139,8 @@ class SourceOptions:
     extra: dict = field(default_factory=dict)
 
 
-# Folder names are data: participant numbers, sequence names and frame numbers all come from
-# them. str.isdigit() is True for '①' and '²' (which int() refuses) and int() accepts '٣',
-# ' 17' and '1_7', so numbers are matched as ASCII digits only.
-ASCII_NUMBER = re.compile(r"[0-9]+")
-
-
-def is_number(name: str) -> bool:
-    """True when ``name`` is a plain non-negative number in ASCII digits ("017", not "①")."""
-    return ASCII_NUMBER.fullmatch(name) is not None
-
-
+# Folder names are data: participant numbers, sequence names and frame numbers come from
+# them (see rafdata.store.is_number: "017" is a number, "①" and " 17" are names).
 def shown(name: str) -> str:
     """``name`` quoted for a message, printable whatever it holds.
 

@@ -27,8 +27,9 @@ from PIL import Image
 from rafdata.errors import SourceError
 from rafdata.geometry import check_calibration
 from rafdata.sources.base import (
+    IMAGE_PARTS,
     CameraCalib,
-    Frame,
+    SequenceSource,
     SourceOptions,
     Tracking,
     is_number,
@@ -99,7 +100,7 @@ class GhaSource:
         return [GhaSequence(participant, path, self.options, warn=self._skip)]
 
 
-class GhaSequence:
+class GhaSequence(SequenceSource):
     """All frames of one GHA participant; implements ``base.SequenceSource``.
 
     ``warn`` hears about skipped folders and cameras (the source's ``_skip``).
@@ -236,32 +237,50 @@ class GhaSequence:
 
     def frame_size(self, serial: str) -> tuple[int, int]:
         """(width, height) of the camera's image in the first tracked frame (header only)."""
-        path = self._image_dir(int(self.tracking().frames[0])) / f"image_{serial}.jpg"
-        try:
-            with Image.open(path) as im:
-                return im.size
-        except OSError as err:
-            raise SourceError(path, f"unreadable image ({err})") from None
+        return _image_size(self._image_dir(int(self.tracking().frames[0]))
+                           / f"image_{serial}.jpg")
 
-    def read_frames(self, serial: str, frames: np.ndarray) -> Iterator[Frame]:
-        """rgb (H, W, 3) uint8 from the JPEG; mask (H, W) uint8, channel 0 of mask_{serial}.jpg,
-        or None where that frame has no mask."""
+    def image_parts(self, serial: str) -> tuple[str, ...]:
+        """GHA writes a mask per frame where it has one: the part exists when any of the
+        sequence's frames has ``mask_{serial}.jpg`` (frames without one read as None)."""
+        has = any((d / f"mask_{serial}.jpg").is_file() for d in self.image_dirs().values())
+        return IMAGE_PARTS if has else ("rgb",)
+
+    def read_part(self, serial: str, part: str, frames: np.ndarray
+                  ) -> Iterator[np.ndarray | None]:
+        """rgb (H, W, 3) uint8 from image_{serial}.jpg; mask (H, W) uint8, channel 0 of
+        mask_{serial}.jpg, or None where that frame has no mask."""
+        if part not in IMAGE_PARTS:
+            raise ValueError(f"part must be one of {IMAGE_PARTS}, got {part!r}")
         for f in np.asarray(frames).tolist():
             folder = self._image_dir(int(f))
-            rgb = _load_image(folder / f"image_{serial}.jpg")
+            if part == "rgb":
+                yield _load_image(folder / f"image_{serial}.jpg")
+                continue
             mpath = folder / f"mask_{serial}.jpg"
-            mask = None
-            if mpath.is_file():
-                m = _load_image(mpath, rgb=False)
-                mask = np.ascontiguousarray(m if m.ndim == 2 else m[..., 0])
-                if mask.shape != rgb.shape[:2]:
-                    raise SourceError(mpath, f"mask is {mask.shape[1]}x{mask.shape[0]}, image is "
-                                      f"{rgb.shape[1]}x{rgb.shape[0]}")
-            yield Frame(rgb=rgb, mask=mask)
+            if not mpath.is_file():
+                yield None
+                continue
+            m = _load_image(mpath, rgb=False)
+            mask = np.ascontiguousarray(m if m.ndim == 2 else m[..., 0])
+            size = _image_size(folder / f"image_{serial}.jpg")  # its header only
+            if (mask.shape[1], mask.shape[0]) != size:
+                raise SourceError(mpath, f"mask is {mask.shape[1]}x{mask.shape[0]}, image is "
+                                  f"{size[0]}x{size[1]}")
+            yield mask
 
 
 class _UnusableCamera(SourceError):
     """A camera file that reads but whose values cannot be used: the camera is skipped."""
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as err:
+        raise SourceError(path, f"unreadable image ({err})") from None
 
 
 def _load_image(path: Path, rgb: bool = True) -> np.ndarray:

@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from rafdata import video
+from rafdata.config import TRACKING_FORMATS
 from rafdata.errors import FrameCountError, SourceError
 from rafdata.geometry import CCM_TERMS, check_calibration
 from rafdata.sources.base import (
+    IMAGE_PARTS,
     CameraCalib,
-    Frame,
+    SequenceSource,
     SourceOptions,
     Tracking,
     is_number,
@@ -39,7 +41,6 @@ from rafdata.sources.base import (
 from rafdata.sources.tracking import parse_flame_exp, read_bfm_params, read_flame_npz
 
 NOT_SEQUENCES = frozenset({"BACKGROUND"})  # background plates, never tracked or ingested
-TRACKING_FORMATS = ("auto", "bfm", "flame")
 
 
 class NersembleSource:
@@ -211,7 +212,7 @@ class NersembleSource:
             self._skip(f"{calib_dir / 'camera_params.json'}: camera {serial} skipped: {problem}")
 
 
-class NersembleSequence:
+class NersembleSequence(SequenceSource):
     """One tracked sequence; implements :class:`rafdata.sources.base.SequenceSource`."""
 
     def __init__(
@@ -344,20 +345,23 @@ class NersembleSequence:
         info = self._probe(vpath)
         return info.width, info.height
 
-    def read_frames(self, serial: str, frames: np.ndarray) -> Iterator[Frame]:
-        """Decode frames of one camera: rgb (H, W, 3) uint8, mask (H, W) uint8 or None."""
-        vpath = self.video_path(serial)
-        if vpath is None or not vpath.is_file():
-            raise SourceError(vpath or self.path, f"no video for camera {serial}")
-        extra = self._source.options.extra
-        kw = {"backend": extra.get("video_backend", "auto"),
-              "threads": int(extra.get("decode_threads", 0))}
-        rgbs = video.read_frames(vpath, frames, info=self._probe(vpath), **kw)
+    def image_parts(self, serial: str) -> tuple[str, ...]:
         apath = self.alpha_path(serial)
-        if apath is None or not apath.exists():
-            return (Frame(rgb=rgb) for rgb in rgbs)
-        masks = video.read_frames(apath, frames, channel0=True, info=self._probe(apath), **kw)
-        return (Frame(rgb=rgb, mask=m) for rgb, m in zip(rgbs, masks, strict=True))
+        return ("rgb", "mask") if apath is not None and apath.exists() else ("rgb",)
+
+    def read_part(self, serial: str, part: str, frames: np.ndarray) -> Iterator[np.ndarray]:
+        """Decode the colour video ("rgb", (H, W, 3) uint8) or the alpha map ("mask", its
+        channel 0, (H, W) uint8) of one camera."""
+        path = self.video_path(serial) if part == "rgb" else self.alpha_path(serial)
+        if part not in IMAGE_PARTS:
+            raise ValueError(f"part must be one of {IMAGE_PARTS}, got {part!r}")
+        if path is None or not path.is_file():
+            what = "video" if part == "rgb" else "alpha map"
+            raise SourceError(path or self.path, f"no {what} for camera {serial}")
+        extra = self._source.options.extra
+        return video.read_frames(path, frames, channel0=part == "mask", info=self._probe(path),
+                                 backend=extra.get("video_backend", "auto"),
+                                 threads=int(extra.get("decode_threads", 0)))
 
 
 def read_calibration(calib_dir: Path, bad: dict[str, str] | None = None) -> dict[str, CameraCalib]:

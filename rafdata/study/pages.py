@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from rafdata.errors import SourceError
+from rafdata.progress import NullProgress, Progress
 from rafdata.store import Store
 from rafdata.study.keyfile import KeyRow
 from rafdata.synth.geometry import rodrigues
@@ -88,13 +89,17 @@ class SourceFrames:
         self._src = None
         self._seqs: dict[tuple[str, str], object] = {}
 
-    def _sequence(self, participant: str, name: str):
-        from rafdata.sources import SourceOptions, open_source
-
+    def check(self) -> None:
+        """SourceError (one line) when there is no source tree to decode frames from."""
         if self.root is None or not self.root.is_dir():
             raise SourceError(self.root or self.st.path,
                               "source tree not found: the study needs frames the store has "
                               "no image of; pass --source (the ingest's source tree)")
+
+    def _sequence(self, participant: str, name: str):
+        from rafdata.sources import SourceOptions, open_source
+
+        self.check()
         if self._src is None:
             cfg = self.recorded.get("config", {})
             opts = SourceOptions(tracking_format=cfg.get("tracking_format") or "auto",
@@ -123,20 +128,32 @@ class SourceFrames:
 
 
 def write_faces(store: str | Path, timesteps: list[int], folder: Path, *, size: int = 256,
-                source: Path | None = None) -> dict[int, str]:
+                source: Path | None = None, progress: Progress | None = None) -> dict[int, str]:
     """Write ``folder/images/t{T}.png`` for every timestep; {timestep: relative path}.
 
     Stored images are used where the timestep has one (the most frontal camera); otherwise
-    the frame is decoded on demand from the source (:class:`SourceFrames`).
+    the frame is decoded on demand from the source (:class:`SourceFrames`). ``progress``: a
+    "faces" stage, one step per image written.
     """
     from PIL import Image
 
+    progress = progress or NullProgress()
     (folder / "images").mkdir(parents=True, exist_ok=True)
     out = {}
     with Store(store) as st:
         frames = SourceFrames(st, source)
-        for t in timesteps:
-            rows = np.flatnonzero(st.image_timestep == t) if st.n_images else np.zeros(0, int)
+        # Image rows grouped by timestep once (a stable sort keeps each group ascending), so
+        # each face finds its images by a binary search instead of a scan of /images.
+        by_t = np.argsort(st.image_timestep, kind="stable")
+        sorted_t = st.image_timestep[by_t]
+        wanted = np.asarray(timesteps, np.int64)
+        lo = np.searchsorted(sorted_t, wanted, "left")
+        hi = np.searchsorted(sorted_t, wanted, "right")
+        if (lo == hi).any():
+            frames.check()  # a missing source fails now, not after the stored faces
+        progress.start("faces", len(timesteps))
+        for t, a, b in zip(timesteps, lo.tolist(), hi.tolist(), strict=True):
+            rows = by_t[a:b]
             if len(rows):
                 cams = st.image_camera[rows]
                 cam = frontal_camera(st, t, cams)
@@ -148,6 +165,7 @@ def write_faces(store: str | Path, timesteps: list[int], folder: Path, *, size: 
             rel = f"images/t{t}.png"
             Image.fromarray(crop_face(rgb, mask, size, head)).save(folder / rel)
             out[t] = rel
+            progress.advance()
     return out
 
 

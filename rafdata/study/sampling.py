@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rafdata.bank import read_bank
+from rafdata.config import StudyConfig
 from rafdata.store import Store
 from rafdata.study.keyfile import KeyRow, StudyError
 
@@ -48,12 +49,11 @@ def query_pool(st: Store) -> np.ndarray:
     raise StudyError(st.path, "the store has no timesteps to sample queries from")
 
 
-def plan_study(store: str | Path, n_queries: int, *, bank: str = "full",
+def plan_study(store: str | Path, n_queries: int, *, bank: str = StudyConfig.bank,
                small_bank: str | None = None, catch: int = 0, seed: int = 0) -> StudyPlan:
     """Sample ``n_queries`` queries (fewer if the pool is smaller) and their items, with the
     left/right order and the item order randomised by ``seed``; item ids are opaque."""
-    if n_queries < 1 or catch < 0:
-        raise StudyError(Path(store), "--queries must be at least 1 and --catch at least 0")
+    StudyConfig(queries=n_queries, catch=catch).validate(store)
     rng = np.random.default_rng(seed)
     with Store(store) as st:
         full = read_bank(st, bank)
@@ -63,9 +63,13 @@ def plan_study(store: str | Path, n_queries: int, *, bank: str = "full",
         ident = st.timesteps.identity
         member_ident = ident[full.members]
     batch = uuid.uuid4().hex[:12]  # never seeded: two batches made alike still differ
+    others_of: dict[int, np.ndarray] = {}  # identity row -> members of the other identities
 
     def random_member(q: int) -> int:
-        others = full.members[member_ident != ident[q]]
+        i = int(ident[q])
+        if i not in others_of:  # one pass over the bank per identity, not per query
+            others_of[i] = full.members[member_ident != i]
+        others = others_of[i]
         if not len(others):
             raise StudyError(Path(store), f"bank {bank!r} has no member of another identity")
         return int(rng.choice(others))

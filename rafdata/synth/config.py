@@ -86,6 +86,15 @@ class SynthConfig:
         if problems:
             raise RafDataError(None, "invalid synth config: " + "; ".join(problems))
 
+    def check_gha(self) -> None:
+        """Raise RafDataError (one line) for options a GHA-layout dataset cannot honour: GHA's
+        preprocessing always leaves BFM params and masks, so FLAME tracking or no mattes
+        would be silently ignored (the writer itself may add FLAME files for tests)."""
+        if not self.alpha_maps or self.tracking != "bfm":
+            raise RafDataError(None, "the gha layout always holds BFM params/ and mask_*.jpg: "
+                               "--tracking flame|both and --no-alpha are for the nersemble "
+                               "layout")
+
     @property
     def video_frames(self) -> int:
         """Frames in each video: ``frames * frame_step``."""

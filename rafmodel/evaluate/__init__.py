@@ -79,11 +79,17 @@ from rafmodel.evaluate.ground_truth import SynthGroundTruth, load_synth
 from rafmodel.evaluate.media import Mp4Writer, compose_row
 from rafmodel.evaluate.metrics import frame_metrics, pick_frames
 from rafmodel.evaluate.report import evaluate
-from rafmodel.evaluate.runs import RunInfo, load_run, method_label, render_avatar
+from rafmodel.evaluate.runs import (
+    RunInfo,
+    load_run,
+    method_label,
+    render_avatar,
+    split_runs_and_store,
+)
 from rafmodel.evaluate.self_driving import evaluate_self
 from rafmodel.targets import render_K
 
 __all__ = ["PSNR_CAP", "DamagedImages", "EvalConfig", "Mp4Writer", "RunInfo",
            "SynthGroundTruth", "compose_row", "evaluate", "evaluate_cross", "evaluate_self",
            "frame_metrics", "load_run", "load_synth", "method_label", "pick_frames",
-           "render_K", "render_avatar", "target_frame"]
+           "render_K", "render_avatar", "split_runs_and_store", "target_frame"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,29 @@ def method_label(train: dict[str, Any]) -> str:
     if aug == "noise" and float(train.get("noise_std", 0.08)) != 0.08:
         parts.append(f"std={train['noise_std']}")
     return " ".join(parts)
+
+
+def split_runs_and_store(paths: Sequence[str | Path], *,
+                         store_required: bool) -> tuple[list[Path], Path | None]:
+    """The (runs, store) of a command's RUN... STORE arguments (runs: folders or checkpoints).
+
+    store_required (``rafmodel eval``: RUN... STORE): the last path is the store, whatever it
+    is. Otherwise (``rafmodel view``: RUN... [STORE]) the last of several paths is the store
+    when it is neither a checkpoint (``.pt``) nor a folder (those are runs), and None means
+    each run's training store. RafDataError (one line) when no run, or no required store, is
+    given.
+    """
+    runs = [Path(p) for p in paths]
+    if store_required:
+        if len(runs) < 2:
+            raise RafDataError(None, "give at least one RUN and the STORE (the last argument)")
+        return runs[:-1], runs[-1]
+    store = None
+    if len(runs) > 1 and runs[-1].suffix != ".pt" and not runs[-1].is_dir():
+        store = runs.pop()
+    if not runs:
+        raise RafDataError(None, "give at least one RUN folder (or checkpoint)")
+    return runs, store
 
 
 def load_run(path: str | Path, device: torch.device) -> RunInfo:
