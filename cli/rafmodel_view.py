@@ -40,9 +40,9 @@ def view_command(paths, port, host, render_size, device):
     viewer = Viewer.from_runs(runs, store, ViewerConfig(port=port, host=host,
                                                         render_size=render_size,
                                                         device=device))
-    console.print(f"viewer of {', '.join(s.label for s in viewer.sources)} at {viewer.url} "
-                  "(Ctrl-C stops it)", highlight=False)
-    try:
+    try:  # from the announcement on: a Ctrl-C after it must still stop the server's threads
+        console.print(f"viewer of {', '.join(s.label for s in viewer.sources)} at "
+                      f"{viewer.url} (Ctrl-C stops it)", highlight=False)
         viewer.serve_forever()
     except KeyboardInterrupt:  # the normal way to end a viewer: not an error
         pass
