@@ -170,8 +170,11 @@ def test_headless_browser_connects_and_receives_the_scene(run_and_store):
 
 def test_view_command_serves_the_page_and_stops_on_ctrl_c(run_and_store):
     run, store = run_and_store
+    # Ctrl-C as a terminal sends it: with SIGINT's default disposition, whatever this test
+    # process inherited (a shell's background job, CI's included, starts with it ignored).
     proc = cli_process("rafmodel", "view", str(run), str(store), "--port", "0", "--device",
-                       "cpu", env={"PYTHONUNBUFFERED": "1"}, stderr=subprocess.STDOUT)
+                       "cpu", env={"PYTHONUNBUFFERED": "1"}, stderr=subprocess.STDOUT,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         port, lines = None, []
         deadline = time.time() + 60
