@@ -484,21 +484,20 @@ def _write_images(sw, job: _DecodeJob | None, rows, progress) -> int:
             sw.put_rgb(slot, item, int(rows[fi]), cam_rows[ci])
             progress.advance()
         else:
-            sw.put_mask(slot, None if item is _NO_MASK else item)
+            sw.put_mask(slot, item)  # None: this frame has no matte (GHA masks are per frame)
         delivered[ci, part] += 1
     return len(cams) * n
 
 
 _DONE = object()
-_NO_MASK = object()  # a frame without a matte (GHA masks are per frame)
 
 
 def _produce(ci, part, seq, cam, frames, transform, correct, codec, q, stop) -> None:
     """Decode, transform and encode one part of one camera into the shared queue, then put
     _DONE.
 
-    Items are (camera index, part, frame index, encoded image), or an exception in place of
-    the image. Compression happens here, in parallel threads, so the single writer thread
+    Items are (camera index, part, frame index, encoded image or None for a frame without a
+    matte), or an exception in place of the image. Compression happens here, in parallel threads, so the single writer thread
     only copies chunk bytes.
     """
 
@@ -514,13 +513,11 @@ def _produce(ci, part, seq, cam, frames, transform, correct, codec, q, stop) -> 
     encoder = codec.stream()
     try:
         for fi, image in enumerate(seq.read_part(cam.serial, part, frames)):
-            if image is None:
-                item = _NO_MASK
-            else:
+            if image is not None:  # None: a frame without a matte
                 if correct and part == "rgb" and cam.color is not None:
                     image = color_correct(image, cam.color)
-                item = encoder.encode(transform.apply(image))
-            if not put(fi, item):
+                image = encoder.encode(transform.apply(image))
+            if not put(fi, image):
                 return
         put(-1, _DONE)
     except BaseException as err:  # handed to the writer thread, which decides

@@ -158,11 +158,14 @@ class ImageCodec:
         if self.direct and name in BLOSC_CODECS:
             _blosc_for_threads()
 
-    def encode(self, image: np.ndarray, compress: bool = True) -> EncodedImage:
+    def encode(self, image: np.ndarray, compress: bool = True,
+               min_saving: float = 0.0) -> EncodedImage:
         """Checksum and (for Blosc codecs) compress one uint8 image; thread-safe.
 
-        compress=False: a Blosc codec stores the bytes as they are (a raw chunk, marked
-        so that HDF5 skips Blosc when reading it), for images known not to shrink.
+        A Blosc codec stores the bytes as they are (a raw chunk, marked so that HDF5 skips
+        Blosc when reading it) without trying when ``compress`` is False, and when the Blosc
+        frame saves less than ``min_saving`` of the bytes (a raw chunk reads without a
+        decompression copy and takes about the same space).
         """
         data = np.ascontiguousarray(image, dtype=np.uint8)
         crc = crc32(data)
@@ -177,6 +180,8 @@ class ImageCodec:
         cname, level = BLOSC_CODECS[self.name]
         payload = blosc.compress(data, typesize=1, clevel=level, shuffle=blosc.SHUFFLE,
                                  cname=cname)
+        if min_saving and len(payload) >= (1 - min_saving) * data.nbytes:
+            return EncodedImage(data.shape, crc, memoryview(data).cast("B"), None, RAW_CHUNK)
         return EncodedImage(data.shape, crc, payload, None)
 
     def stream(self) -> StreamEncoder:
@@ -185,39 +190,33 @@ class ImageCodec:
 
 
 class StreamEncoder:
-    """Encodes one stream of images (e.g. one camera's video) and stops compressing when
-    compression does not pay.
+    """Encodes one stream of images (e.g. one camera's video) and stops trying to compress
+    what does not shrink.
 
     Colour with real camera noise does not shrink under BloscLZ-1 (ratio 1.00, docs/
-    benchmarks.md) yet costs ~0.3 ms per 512 px frame to try, and as a Blosc frame it is
-    copied once more at writing and at reading; mattes shrink ~25x. So a Blosc codec tries
-    compression on the first image and every ``PROBE_EVERY``-th one; when a try saves less
-    than ``MIN_SAVING`` of the bytes, that image and the ones up to the next try are stored
-    as raw chunks (no copy, read without Blosc). The choice depends only on the stream's own
-    images in order, so every run over the same video writes the same bytes. Not
+    benchmarks.md) yet costs ~0.3 ms per 512 px frame to try; mattes shrink ~25x. So a Blosc
+    codec tries compression on the first image and every ``PROBE_EVERY``-th one; a try that
+    saves less than ``MIN_SAVING`` is stored raw (see :meth:`ImageCodec.encode`), and so are
+    the images up to the next try, without trying. The choice depends only on the stream's
+    own images in order, so every run over the same video writes the same bytes. Not
     thread-safe: one per producer.
     """
 
     PROBE_EVERY = 16
-    MIN_SAVING = 0.05
+    MIN_SAVING = 0.05  # a try saving less than this share of the bytes is not kept
 
     def __init__(self, codec: ImageCodec):
         self.codec = codec
-        self.adaptive = codec.direct and codec.name in BLOSC_CODECS
         self.n = 0
         self.compress = True
 
     def encode(self, image: np.ndarray) -> EncodedImage:
-        if not self.adaptive:
-            return self.codec.encode(image)
         probe = self.n % self.PROBE_EVERY == 0
         self.n += 1
-        enc = self.codec.encode(image, compress=probe or self.compress)
+        enc = self.codec.encode(image, compress=probe or self.compress,
+                                min_saving=self.MIN_SAVING)
         if probe:
-            raw = int(np.prod(enc.shape))
-            self.compress = len(enc.payload) < (1 - self.MIN_SAVING) * raw
-            if not self.compress:
-                enc = self.codec.encode(image, compress=False)
+            self.compress = enc.filter_mask != RAW_CHUNK
         return enc
 
 

@@ -415,3 +415,28 @@ def test_crc32_is_zlibs_checksum():
         assert crc32(data) == zlib.crc32(data)
     assert crc32(b"abc", crc32(b"xyz")) == zlib.crc32(b"abc", zlib.crc32(b"xyz"))
     assert crc32.__module__.startswith("isal")  # a declared dependency: the fast one is used
+
+
+def test_damage_in_a_raw_chunk_is_caught(tmp_path):
+    """Raw chunks (images Blosc cannot shrink) are checked like any other: a flipped byte is
+    a CRC error naming the row, and verify counts it."""
+    from rafdata.store import RAW_CHUNK, ImageCodec
+
+    rng = np.random.default_rng(5)
+    noise = rng.integers(0, 256, (3, 24, 32, 3), dtype=np.uint8)
+    stream = ImageCodec("blosc-blosclz").stream()
+    rgb = [stream.encode(im) for im in noise]
+    assert all(e.filter_mask == RAW_CHUNK for e in rgb)
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, compression="blosc-blosclz") as w:
+        with w.sequence("388", "A", False, "mem") as sw:
+            rows = sw.add_timesteps(*fake_sequence(rng, t=3), "test")
+            sw.add_images(rgb, None, rows, sw.camera("222200030", *camera(0)))
+    seg, offset, size = image_chunk(path, 1, "rgb")
+    assert size == noise[1].nbytes  # stored as is, no Blosc header
+    flip_bytes(seg, offset + size // 2, 1)
+    with Store(path) as s, pytest.raises(CorruptImageError, match="image row 1: colour fails"):
+        s.read_rgb(1)
+    with Store(path) as s:
+        np.testing.assert_array_equal(s.read_rgb(2), noise[2])
+        assert not verify(s).ok

@@ -352,9 +352,9 @@ class NersembleSequence(SequenceSource):
     def read_part(self, serial: str, part: str, frames: np.ndarray) -> Iterator[np.ndarray]:
         """Decode the colour video ("rgb", (H, W, 3) uint8) or the alpha map ("mask", its
         channel 0, (H, W) uint8) of one camera."""
-        path = self.video_path(serial) if part == "rgb" else self.alpha_path(serial)
         if part not in IMAGE_PARTS:
             raise ValueError(f"part must be one of {IMAGE_PARTS}, got {part!r}")
+        path = self.video_path(serial) if part == "rgb" else self.alpha_path(serial)
         if path is None or not path.is_file():
             what = "video" if part == "rgb" else "alpha map"
             raise SourceError(path or self.path, f"no {what} for camera {serial}")
